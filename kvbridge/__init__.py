@@ -1,0 +1,21 @@
+# SPDX-License-Identifier: Apache-2.0
+"""kvbridge: KV-cache transfer for disaggregated LLM serving."""
+
+from kvbridge.blocks import BlockIdError, PagedKVCache, StagingPool, validate_block_ids
+from kvbridge.layout import (
+    PROTOCOL_VERSION,
+    KVLayout,
+    LayoutMismatchError,
+    check_compatible,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "BlockIdError",
+    "KVLayout",
+    "LayoutMismatchError",
+    "PagedKVCache",
+    "StagingPool",
+    "check_compatible",
+    "validate_block_ids",
+]

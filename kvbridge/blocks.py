@@ -1,0 +1,223 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Engine-agnostic block-table export/import over a paged KV cache.
+
+``PagedKVCache`` wraps the per-layer paged tensors an engine already owns
+(vLLM's, or a custom engine's) together with their ``KVLayout``. It can
+
+* ``export_blocks(ids)`` - gather the selected blocks of every region into one
+  contiguous staging buffer, region-major: ``staging[r, i] = region_r[ids[i]]``;
+* ``import_blocks(staging, ids)`` - scatter such a buffer back into (other)
+  block ids.
+
+Both validate block ids before touching memory (range, duplicates, count), so
+a bad request writes nothing. The copy itself goes through
+``kvbridge.kernels`` which uses the compiled csrc kernel when it is built and
+torch ops otherwise.
+
+Blocks are copied whole. For a sequence of ``num_tokens`` the last block is
+usually partial; its tail beyond the sequence is copied too, which is harmless
+(attention masks by sequence length) and keeps every copy a run of whole
+blocks - the unit every transport addresses.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from kvbridge import kernels
+from kvbridge.layout import KVLayout, dtype_name
+
+
+class BlockIdError(ValueError):
+    """Block ids that cannot be used: out of range, duplicated or miscounted."""
+
+
+def validate_block_ids(
+    block_ids: Sequence[int],
+    num_blocks: int,
+    *,
+    num_tokens: int | None = None,
+    block_size: int | None = None,
+    what: str = "block_ids",
+) -> list[int]:
+    """Return ``block_ids`` as a list of ints or raise ``BlockIdError``.
+
+    Args:
+        block_ids: ids into a cache of ``num_blocks`` blocks.
+        num_tokens: when given, exactly ``ceil(num_tokens / block_size)`` ids
+            are required (the last block may be partial).
+    """
+    ids = [int(b) for b in block_ids]
+    bad = [b for b in ids if not 0 <= b < num_blocks]
+    if bad:
+        raise BlockIdError(f"{what} out of range [0, {num_blocks}): {bad[:8]}"
+                           + (f" and {len(bad) - 8} more" if len(bad) > 8 else ""))
+    if len(set(ids)) != len(ids):
+        seen: set[int] = set()
+        dups = sorted({b for b in ids if b in seen or seen.add(b)})
+        raise BlockIdError(f"{what} contain duplicates: {dups[:8]}")
+    if num_tokens is not None:
+        if block_size is None:
+            raise ValueError("block_size is required with num_tokens")
+        if num_tokens < 0:
+            raise BlockIdError(f"num_tokens must be >= 0, got {num_tokens}")
+        need = math.ceil(num_tokens / block_size)
+        if len(ids) != need:
+            raise BlockIdError(f"{num_tokens} tokens at block_size {block_size} need {need} "
+                               f"{what}, got {len(ids)}")
+    return ids
+
+
+class StagingPool:
+    """Reusable contiguous byte buffers for gathered blocks.
+
+    Buffers are bucketed by power-of-two size so a steady workload allocates
+    nothing after warm-up; at most ``max_cached_bytes`` stay cached. Buffers are
+    page-locked (pinned) when a CUDA device exists, so device<->host staging
+    copies can be asynchronous.
+
+    Args:
+        pin_memory: ``None`` means "pin if CUDA is available".
+        max_cached_bytes: cap on idle cached bytes (default 1 GiB).
+    """
+
+    def __init__(self, pin_memory: bool | None = None, max_cached_bytes: int = 1 << 30):
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.max_cached_bytes = max_cached_bytes
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._cached = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _bucket(nbytes: int) -> int:
+        return 1 << max(12, (nbytes - 1).bit_length())
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of exactly ``nbytes`` (a view of a pooled buffer)."""
+        size = self._bucket(nbytes)
+        with self._lock:
+            bucket = self._free.get(size)
+            if bucket:
+                buf = bucket.pop()
+                self._cached -= size
+                return buf[:nbytes]
+        buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+        return buf[:nbytes]
+
+    def release(self, view: torch.Tensor) -> None:
+        """Give a buffer from ``acquire`` back (extra releases are ignored by size)."""
+        base = view._base if view._base is not None else view
+        size = base.numel()
+        with self._lock:
+            if self._cached + size > self.max_cached_bytes:
+                return  # let it be freed: the cache is full
+            self._free.setdefault(size, []).append(base)
+            self._cached += size
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._cached
+
+
+class PagedKVCache:
+    """An engine's paged KV tensors plus their layout; gathers and scatters blocks.
+
+    Args:
+        layout: the ``KVLayout`` these tensors follow.
+        regions: ``layout.num_regions`` tensors, dim 0 the block index, each
+            block ``layout.block_bytes`` contiguous bytes.
+        pool: staging buffers to use (a private pool by default).
+    """
+
+    def __init__(self, layout: KVLayout, regions: Sequence[torch.Tensor],
+                 pool: StagingPool | None = None):
+        if len(regions) != layout.num_regions:
+            raise ValueError(f"layout says {layout.num_regions} regions "
+                             f"({layout.num_layers} layers x {layout.regions_per_layer}), "
+                             f"got {len(regions)} tensors")
+        num_blocks = regions[0].shape[0]
+        views = []
+        for i, t in enumerate(regions):
+            if dtype_name(t.dtype) != layout.kv_cache_dtype:
+                raise ValueError(f"KV tensor {i} dtype {dtype_name(t.dtype)} != layout "
+                                 f"kv_cache_dtype {layout.kv_cache_dtype}")
+            if t.shape[0] != num_blocks:
+                raise ValueError(f"KV tensor {i} has {t.shape[0]} blocks, tensor 0 has {num_blocks}")
+            block_bytes = t[0].numel() * t.element_size()
+            if block_bytes != layout.block_bytes:
+                raise ValueError(f"KV tensor {i} block is {block_bytes} bytes, layout says "
+                                 f"{layout.block_bytes}")
+            if not t[0].is_contiguous() or (num_blocks > 1 and t.stride(0) * t.element_size()
+                                            < block_bytes):
+                raise ValueError(f"KV tensor {i}: each block must be contiguous bytes")
+            views.append(t)
+        self.layout = layout
+        self.regions = views
+        self.num_blocks = int(num_blocks)
+        self.device = regions[0].device
+        self.pool = pool or StagingPool()
+        # uint8 [num_blocks, block_bytes] views: the unit every copy works in.
+        # A region whose blocks are padded apart keeps its stride.
+        self._byte_views = [_as_block_bytes(t, layout.block_bytes) for t in views]
+
+    # -- addresses, for transports that read memory directly (CMA, NIXL) --
+    def region_addresses(self) -> list[tuple[int, int, int]]:
+        """(base address, block stride in bytes, total bytes) per region."""
+        return [(v.data_ptr(), v.stride(0), v.stride(0) * (self.num_blocks - 1) + self.layout.block_bytes)
+                for v in self._byte_views]
+
+    @property
+    def byte_views(self) -> list[torch.Tensor]:
+        return self._byte_views
+
+    def staging_bytes(self, num_blocks: int) -> int:
+        return num_blocks * self.layout.bytes_per_block_all_layers
+
+    def validate(self, block_ids: Sequence[int], num_tokens: int | None = None,
+                 what: str = "block_ids") -> list[int]:
+        return validate_block_ids(block_ids, self.num_blocks, num_tokens=num_tokens,
+                                  block_size=self.layout.block_size, what=what)
+
+    def export_blocks(self, block_ids: Sequence[int], *, num_tokens: int | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        """Gather ``block_ids`` of every region into a contiguous uint8 buffer.
+
+        Returns ``out`` (or a buffer from the pool, to be given back with
+        ``self.pool.release``) holding ``len(block_ids) * bytes_per_block_all_layers``
+        bytes, region-major.
+        """
+        ids = self.validate(block_ids, num_tokens)
+        nbytes = self.staging_bytes(len(ids))
+        if out is None:
+            out = self.pool.acquire(nbytes)
+        elif out.dtype != torch.uint8 or out.numel() < nbytes or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous uint8 tensor of >= {nbytes} bytes")
+        if ids:
+            kernels.gather(self._byte_views, ids, out[:nbytes])
+        return out[:nbytes] if out.numel() != nbytes else out
+
+    def import_blocks(self, staging: torch.Tensor, block_ids: Sequence[int], *,
+                      num_tokens: int | None = None) -> None:
+        """Scatter a buffer laid out as ``export_blocks`` makes it into ``block_ids``."""
+        ids = self.validate(block_ids, num_tokens)
+        nbytes = self.staging_bytes(len(ids))
+        if staging.dtype != torch.uint8 or staging.numel() != nbytes:
+            raise ValueError(f"staging must be uint8 of exactly {nbytes} bytes for {len(ids)} "
+                             f"blocks, got {staging.dtype} x {staging.numel()}")
+        if ids:
+            kernels.scatter(staging, self._byte_views, ids)
+
+
+def _as_block_bytes(t: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """View ``t`` as uint8 ``[num_blocks, block_bytes]`` keeping its block stride."""
+    if t.is_contiguous():
+        return t.view(torch.uint8).reshape(t.shape[0], block_bytes)
+    stride_bytes = t.stride(0) * t.element_size()
+    flat = torch.empty(0, dtype=torch.uint8, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset() * t.element_size(), (t.shape[0], block_bytes),
+        (stride_bytes, 1))
+    return flat

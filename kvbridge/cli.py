@@ -1,0 +1,91 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ``kvbridge`` command.
+
+Subcommands:
+  tiny-model OUT_DIR     build the tiny local Llama (tokenizer + weights)
+  info [--json]          which copy path is in use, what was built, versions
+  bench blocks           gather/scatter benchmark against memcpy
+  demo-blocks            export blocks in one process, import them in another
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from kvbridge import tiny_model
+
+    out = tiny_model.build(args.out_dir, seed=args.seed)
+    print(f"tiny model written to {out} (digest {tiny_model.tree_digest(out)[:16]})")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from kvbridge.info import collect
+
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "blocks":
+        from kvbridge.bench import blocks
+
+        blocks.run(quick=args.quick, json_path=args.json)
+        return 0
+    raise SystemExit(f"unknown benchmark {args.what!r}")
+
+
+def _cmd_demo_blocks(args: argparse.Namespace) -> int:
+    from kvbridge.demo_blocks import main as demo
+
+    return demo(num_blocks=args.blocks, model_dir=args.model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvbridge", description="KV-cache transfer for "
+                                "disaggregated LLM serving")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("tiny-model", help="build the tiny local Llama model")
+    t.add_argument("out_dir")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_cmd_tiny_model)
+
+    i = sub.add_parser("info", help="kernels, transports and versions")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=_cmd_info)
+
+    b = sub.add_parser("bench", help="benchmarks (results go to benchmarks/results/)")
+    b.add_argument("what", choices=["blocks"])
+    b.add_argument("--quick", action="store_true", help="a subset that runs in under 30 s")
+    b.add_argument("--json", metavar="PATH", help="also write the results here")
+    b.set_defaults(func=_cmd_bench)
+
+    d = sub.add_parser("demo-blocks", help="export blocks in one process, import in another")
+    d.add_argument("--blocks", type=int, default=64)
+    d.add_argument("--model", default=None, help="tiny model dir (built if missing)")
+    d.set_defaults(func=_cmd_demo_blocks)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

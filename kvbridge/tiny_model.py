@@ -1,0 +1,189 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Build a tiny but real Llama model locally (no model hub needed).
+
+``kvbridge tiny-model OUT_DIR`` writes a Hugging Face model directory:
+
+* a byte-level BPE tokenizer trained with ``tokenizers`` on local text (the
+  docstrings of a fixed list of Python standard-library modules), with special
+  tokens and a chat template;
+* a random-weight ``LlamaForCausalLM`` (2 layers, hidden 256, 4 attention
+  heads, 2 KV heads, head size 64, vocab = the tokenizer's, about 2048) saved as
+  bf16 safetensors.
+
+Weights are drawn with a larger standard deviation than usual so the logits
+spread out and greedy decoding does not tie - and so any corruption of the KV
+cache visibly changes the continuation. The same seed gives byte-identical
+files on the same software stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import os
+from pathlib import Path
+
+#: Modules whose docstrings form the tokenizer's training text. Fixed so the
+#: corpus (and hence the tokenizer) is the same on every build.
+_CORPUS_MODULES = (
+    "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "calendar", "collections",
+    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email",
+    "enum", "fractions", "functools", "gzip", "hashlib", "heapq", "hmac", "html", "http.client",
+    "inspect", "io", "ipaddress", "itertools", "json", "logging", "mailbox", "math", "operator",
+    "os", "pathlib", "pickle", "pprint", "queue", "random", "re", "selectors", "shlex", "shutil",
+    "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap",
+    "threading", "time", "tokenize", "typing", "unittest", "urllib.parse", "uuid", "wave",
+    "weakref", "xml.dom.minidom", "zipfile", "zlib",
+)
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' }}\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}\n{% endif %}"
+)
+
+#: Shape of the tiny model (kept here so tests and benchmarks can refer to it).
+TINY_CONFIG = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+TARGET_VOCAB = 2048
+#: Init std: ~10x the usual 0.02 so logits spread out (no greedy ties).
+INIT_STD = 0.2
+
+
+def corpus_text() -> str:
+    """Training text for the tokenizer: stdlib docstrings, in a fixed order."""
+    parts: list[str] = []
+    for name in _CORPUS_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        doc = inspect.getdoc(mod)
+        if doc:
+            parts.append(doc)
+        for attr in sorted(getattr(mod, "__all__", None) or dir(mod)):
+            if attr.startswith("_"):
+                continue
+            obj = getattr(mod, attr, None)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                d = inspect.getdoc(obj)
+                if d:
+                    parts.append(d)
+    return "\n\n".join(parts)
+
+
+def build_tokenizer(vocab_size: int = TARGET_VOCAB):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = corpus_text()
+    tok.train_from_iterator([text[i:i + 4096] for i in range(0, len(text), 4096)], trainer)
+    return tok
+
+
+def build(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the tokenizer and model to ``out_dir``; returns the path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = build_tokenizer()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
+        model_max_length=TINY_CONFIG["max_position_embeddings"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+
+    vocab = len(tokenizer)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=INIT_STD,
+        **TINY_CONFIG,
+    )
+    config.dtype = "bfloat16"
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * INIT_STD)
+            # norms stay at 1.0
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    gen_cfg = out / "generation_config.json"
+    if gen_cfg.exists():
+        # Sampling defaults would make "greedy" runs depend on the client.
+        cfg = json.loads(gen_cfg.read_text())
+        cfg.update(do_sample=False)
+        gen_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (out / "kvbridge_tiny_model.json").write_text(
+        json.dumps({"seed": seed, "vocab_size": vocab, **TINY_CONFIG}, indent=2, sort_keys=True)
+        + "\n")
+    return out
+
+
+def tree_digest(path: str | os.PathLike) -> str:
+    """SHA-256 over every file's name and bytes (determinism checks)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            h.update(f.relative_to(path).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def ensure(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build into ``out_dir`` unless a complete build is already there."""
+    out = Path(out_dir)
+    if (out / "kvbridge_tiny_model.json").exists() and (out / "model.safetensors").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    build(tmp, seed=seed)
+    try:
+        tmp.rename(out)
+    except OSError:
+        # Another process finished first; its build is identical.
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def default_path(seed: int = 0) -> Path:
+    """Where tests and the demo cache the model (``KVBRIDGE_CACHE`` or ~/.cache/kvbridge).
+
+    The directory name carries a hash of this file, so a change to the recipe
+    never reuses a stale build.
+    """
+    root = Path(os.environ.get("KVBRIDGE_CACHE", Path.home() / ".cache" / "kvbridge"))
+    recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
+    return root / f"tiny-llama-{recipe}-s{seed}"

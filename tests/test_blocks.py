@@ -1,0 +1,145 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Block export/import: byte-exact, validated, both copy paths."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvbridge import kernels
+from kvbridge.blocks import BlockIdError, PagedKVCache, StagingPool
+from kvbridge.layout import KVLayout
+
+PATHS = ["torch"] + (["cpu_kernel"] if kernels.cpu_kernel_available() else [])
+
+
+def make_cache(num_blocks=16, layers=2, heads=2, block_size=32, head_size=16,
+               dtype=torch.bfloat16, seed=0, regions_per_layer=1):
+    g = torch.Generator().manual_seed(seed)
+    regions = []
+    for _ in range(layers * regions_per_layer):
+        t = torch.empty(num_blocks, heads, block_size, 2 * head_size, dtype=dtype)
+        raw = t.view(torch.uint8)
+        raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=g))
+        regions.append(t)
+    layout = KVLayout.from_tensors(regions, model="m", block_size=block_size, num_kv_heads=heads,
+                                   head_size=head_size, memory_layout="LBHNC",
+                                   regions_per_layer=regions_per_layer)
+    return PagedKVCache(layout, regions)
+
+
+def snapshot(cache):
+    return [v.clone() for v in cache.byte_views]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_round_trip_touches_only_selected_blocks(path, monkeypatch):
+    monkeypatch.setenv("KVBRIDGE_KERNEL", path)
+    src, dst = make_cache(seed=1), make_cache(seed=2)
+    before = snapshot(dst)
+    src_ids, dst_ids = [7, 2, 11, 3], [0, 15, 4, 9]
+    staging = src.export_blocks(src_ids)
+    dst.import_blocks(staging, dst_ids)
+    for r, (sv, dv) in enumerate(zip(src.byte_views, dst.byte_views)):
+        for s, d in zip(src_ids, dst_ids):
+            assert torch.equal(sv[s], dv[d])
+        for b in set(range(16)) - set(dst_ids):
+            assert torch.equal(dv[b], before[r][b]), f"block {b} of region {r} changed"
+
+
+@settings(max_examples=40, deadline=None)
+@given(layers=st.integers(1, 4), heads=st.integers(1, 4), block_size=st.sampled_from([1, 16, 32]),
+       head_size=st.sampled_from([4, 8, 64]), num_blocks=st.integers(1, 24),
+       dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float16]),
+       rpl=st.integers(1, 2), data=st.data())
+def test_round_trip_random_layouts(layers, heads, block_size, head_size, num_blocks, dtype, rpl,
+                                   data):
+    src = make_cache(num_blocks, layers, heads, block_size, head_size, dtype, 1, rpl)
+    dst = make_cache(num_blocks, layers, heads, block_size, head_size, dtype, 2, rpl)
+    n = data.draw(st.integers(0, num_blocks))
+    src_ids = data.draw(st.permutations(range(num_blocks)))[:n]
+    dst_ids = data.draw(st.permutations(range(num_blocks)))[:n]
+    path = data.draw(st.sampled_from(PATHS))
+    before = snapshot(dst)
+    staging = torch.empty(src.staging_bytes(n), dtype=torch.uint8)
+    kernels.gather(src.byte_views, src.validate(src_ids), staging, path=path)
+    kernels.scatter(staging, dst.byte_views, dst.validate(dst_ids), path=path)
+    expected = [b.clone() for b in before]
+    for r in range(len(expected)):
+        for s, d in zip(src_ids, dst_ids):
+            expected[r][d] = src.byte_views[r][s]
+    for got, want in zip(dst.byte_views, expected):
+        assert torch.equal(got, want)
+
+
+def test_kernel_paths_agree_byte_for_byte():
+    cache = make_cache(num_blocks=64, seed=3)
+    ids = random.Random(0).sample(range(64), 40)
+    outs = []
+    for path in PATHS:
+        buf = torch.empty(cache.staging_bytes(len(ids)), dtype=torch.uint8)
+        kernels.gather(cache.byte_views, ids, buf, path=path)
+        outs.append(buf)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("ids,match", [
+    ([0, 16], "out of range"),
+    ([-1], "out of range"),
+    ([3, 5, 3], "duplicates"),
+])
+def test_invalid_ids_refused_and_nothing_written(ids, match):
+    src, dst = make_cache(seed=1), make_cache(seed=2)
+    before = snapshot(dst)
+    with pytest.raises(BlockIdError, match=match):
+        src.export_blocks(ids)
+    staging = torch.zeros(dst.staging_bytes(len(ids)), dtype=torch.uint8)
+    with pytest.raises(BlockIdError, match=match):
+        dst.import_blocks(staging, ids)
+    assert all(torch.equal(a, b) for a, b in zip(before, dst.byte_views))
+
+
+def test_wrong_block_count_for_tokens_refused():
+    cache = make_cache(seed=1)  # block_size 32
+    cache.export_blocks([1, 2], num_tokens=33)  # partial last block: 2 blocks
+    cache.export_blocks([4], num_tokens=1)
+    with pytest.raises(BlockIdError, match="33 tokens at block_size 32 need 2"):
+        cache.export_blocks([1, 2, 3], num_tokens=33)
+    with pytest.raises(BlockIdError, match="need 2"):
+        cache.import_blocks(torch.zeros(cache.staging_bytes(1), dtype=torch.uint8), [1],
+                            num_tokens=64)
+
+
+def test_import_refuses_wrong_staging_size():
+    cache = make_cache()
+    with pytest.raises(ValueError, match="exactly"):
+        cache.import_blocks(torch.zeros(10, dtype=torch.uint8), [1])
+
+
+def test_cache_refuses_tensors_that_disagree_with_layout():
+    cache = make_cache()
+    bad = [t.float() for t in cache.regions]
+    with pytest.raises(ValueError, match="dtype"):
+        PagedKVCache(cache.layout, bad)
+    with pytest.raises(ValueError, match="regions"):
+        PagedKVCache(cache.layout, cache.regions[:1])
+
+
+def test_staging_pool_reuses_buffers():
+    pool = StagingPool(pin_memory=False)
+    a = pool.acquire(5000)
+    ptr = a.data_ptr()
+    pool.release(a)
+    b = pool.acquire(6000)  # same 8 KiB bucket
+    assert b.data_ptr() == ptr and b.numel() == 6000
+    pool.release(b)
+    assert pool.cached_bytes == 8192
+
+
+def test_zero_blocks_is_a_no_op():
+    cache = make_cache()
+    out = cache.export_blocks([])
+    assert out.numel() == 0
+    cache.import_blocks(out, [])
