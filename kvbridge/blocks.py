@@ -174,6 +174,19 @@ class PagedKVCache:
     def byte_views(self) -> list[torch.Tensor]:
         return self._byte_views
 
+    def block_buffers(self, block_ids: Sequence[int]) -> list[memoryview]:
+        """Byte buffers of ``block_ids`` in staging order (region-major), runs of
+        adjacent ids merged, for scatter/gather I/O (``sendmsg``/``recvmsg_into``,
+        ``process_vm_readv``) straight from and into the cache. CPU only."""
+        if self.device.type != "cpu":
+            raise ValueError("block_buffers needs host memory; stage device memory first")
+        out = []
+        packed = self.num_blocks == 1 or self._byte_views[0].stride(0) == self.layout.block_bytes
+        for v in self._byte_views:
+            for start, count in _runs(block_ids, packed):
+                out.append(memoryview(v[start:start + count].numpy()).cast("B"))
+        return out
+
     def staging_bytes(self, num_blocks: int) -> int:
         return num_blocks * self.layout.bytes_per_block_all_layers
 
@@ -210,6 +223,17 @@ class PagedKVCache:
                              f"blocks, got {staging.dtype} x {staging.numel()}")
         if ids:
             kernels.scatter(staging, self._byte_views, ids)
+
+
+def _runs(block_ids: Sequence[int], merge: bool) -> list[tuple[int, int]]:
+    """(first id, count) of each run of consecutive ids (single ids unless merge)."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if merge and runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
 
 
 def _as_block_bytes(t: torch.Tensor, block_bytes: int) -> torch.Tensor:

@@ -1,0 +1,223 @@
+# SPDX-License-Identifier: Apache-2.0
+"""kvbridge's wire protocol: framed, versioned msgspec messages.
+
+Every backend talks to its peer over one control connection (TCP) with this
+protocol; the TCP backend also carries the KV bytes on it, in raw frames. The
+NIXL and same-host backends move bytes on their own medium and use the control
+connection for the handshake and for permission to read.
+
+Frame: ``MAGIC (2 bytes) | kind (1 byte) | length (4 bytes, big endian) | body``
+where kind is ``MSG`` (a msgpack-encoded message below) or ``DATA`` (raw KV
+bytes whose size a preceding ``PullGrant`` announced). Message frames are at
+most ``MAX_MESSAGE_BYTES``; a larger length, an unknown kind, a bad magic or a
+body that is not a known message is a ``ProtocolError`` that closes only that
+connection.
+
+Connection lifecycle (client = consumer, server = producer)::
+
+    client                                   server
+    Hello(version, nonce)          ->
+                                   <-        Challenge(version, nonce, auth_required)
+    Handshake(layout, mac, info)   ->        (verify mac, then check_compatible)
+                                   <-        HandshakeAccept(layout, mac, info)
+                                             | Error(code, message) and close
+    Pull(xfer_id, request_id, ids) ->
+                                   <-        PullGrant(xfer_id, nbytes) [+ DATA frames]
+                                             | PullError(xfer_id, message)
+    ReadDone(xfer_id, request_id, ok) ->     (the producer may free the blocks)
+
+The server sends nothing about itself (not even its layout) before the
+client's MAC verifies, so a peer without the shared secret learns nothing.
+
+Changelog (``kvbridge.layout.PROTOCOL_VERSION``):
+    1 - first version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import struct
+
+import msgspec
+
+from kvbridge.layout import PROTOCOL_VERSION, KVLayout
+
+MAGIC = b"KB"
+KIND_MSG = 1
+KIND_DATA = 2
+HEADER = struct.Struct("!2sBI")
+#: Largest control message accepted. A Pull for 100k block ids fits easily.
+MAX_MESSAGE_BYTES = 4 << 20
+#: Environment variable holding the shared secret when the config has none.
+SECRET_ENV = "KVBRIDGE_SECRET"
+
+
+class ProtocolError(Exception):
+    """The peer sent something this side cannot accept; the connection closes."""
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection (cleanly or mid-frame)."""
+
+
+# -- messages -----------------------------------------------------------------
+
+class Hello(msgspec.Struct, tag=True):
+    protocol_version: int
+    nonce: bytes
+    agent: str = ""
+
+
+class Challenge(msgspec.Struct, tag=True):
+    protocol_version: int
+    nonce: bytes
+    auth_required: bool
+
+
+class Handshake(msgspec.Struct, tag=True):
+    layout: KVLayout
+    mac: bytes = b""
+    backend: str = ""
+    info: dict = {}
+
+
+class HandshakeAccept(msgspec.Struct, tag=True):
+    layout: KVLayout
+    mac: bytes = b""
+    info: dict = {}
+
+
+class Error(msgspec.Struct, tag=True):
+    code: str
+    message: str
+    layout: KVLayout | None = None
+
+
+class Pull(msgspec.Struct, tag=True):
+    xfer_id: int
+    request_id: str
+    block_ids: list[int]
+
+
+class PullGrant(msgspec.Struct, tag=True):
+    xfer_id: int
+    nbytes: int
+
+
+class PullError(msgspec.Struct, tag=True):
+    xfer_id: int
+    message: str
+
+
+class ReadDone(msgspec.Struct, tag=True):
+    xfer_id: int
+    request_id: str
+    ok: bool = True
+
+
+Message = Hello | Challenge | Handshake | HandshakeAccept | Error | Pull | PullGrant | PullError \
+    | ReadDone
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    body = _encoder.encode(msg)
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return HEADER.pack(MAGIC, KIND_MSG, len(body)) + body
+
+
+def data_header(nbytes: int) -> bytes:
+    return HEADER.pack(MAGIC, KIND_DATA, nbytes)
+
+
+def decode(body: bytes) -> Message:
+    try:
+        return _decoder.decode(body)
+    except msgspec.DecodeError as e:  # ValidationError is a subclass
+        raise ProtocolError(f"undecodable message: {e}") from None
+
+
+# -- framed socket I/O ----------------------------------------------------------
+
+def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise PeerClosed(f"peer closed the connection after {got} of {n} bytes")
+        got += k
+
+
+def recv_header(sock: socket.socket) -> tuple[int, int]:
+    """Read one frame header; returns (kind, length). Raises on bad framing."""
+    hdr = bytearray(HEADER.size)
+    try:
+        recv_exact_into(sock, memoryview(hdr))
+    except PeerClosed as e:
+        if str(e).startswith("peer closed the connection after 0 "):
+            raise PeerClosed("peer closed the connection") from None
+        raise PeerClosed("truncated frame header") from None
+    magic, kind, length = HEADER.unpack(hdr)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad frame magic {bytes(magic)!r} (not a kvbridge peer?)")
+    if kind not in (KIND_MSG, KIND_DATA):
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if kind == KIND_MSG and length > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"oversized message frame: {length} bytes > {MAX_MESSAGE_BYTES}")
+    return kind, length
+
+
+def recv_message(sock: socket.socket) -> Message:
+    kind, length = recv_header(sock)
+    if kind != KIND_MSG:
+        raise ProtocolError("expected a message frame, got a data frame")
+    body = bytearray(length)
+    try:
+        recv_exact_into(sock, memoryview(body))
+    except PeerClosed:
+        raise PeerClosed(f"truncated message frame (expected {length} bytes)") from None
+    return decode(bytes(body))
+
+
+def send_message(sock: socket.socket, msg: Message) -> None:
+    sock.sendall(encode(msg))
+
+
+# -- authentication -------------------------------------------------------------
+
+def new_nonce() -> bytes:
+    return os.urandom(16)
+
+
+def resolve_secret(secret: str | bytes | None) -> bytes | None:
+    """The configured secret, else ``$KVBRIDGE_SECRET``, else None (no auth)."""
+    if secret is None:
+        secret = os.environ.get(SECRET_ENV) or None
+    if secret is None:
+        return None
+    return secret.encode() if isinstance(secret, str) else secret
+
+
+def mac(secret: bytes | None, role: bytes, *nonces: bytes) -> bytes:
+    """HMAC-SHA256 over a role tag and both nonces (empty without a secret)."""
+    if secret is None:
+        return b""
+    return hmac.new(secret, role + b"".join(nonces), hashlib.sha256).digest()
+
+
+def verify_mac(secret: bytes | None, got: bytes, role: bytes, *nonces: bytes) -> bool:
+    if secret is None:
+        return True
+    return hmac.compare_digest(got, mac(secret, role, *nonces))
+
+
+__all__ = [
+    "PROTOCOL_VERSION", "Challenge", "Error", "Handshake", "HandshakeAccept", "Hello", "Message",
+    "PeerClosed", "ProtocolError", "Pull", "PullError", "PullGrant", "ReadDone",
+]

@@ -1,0 +1,816 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One transport interface; backends differ only in how bytes move.
+
+A ``Transport`` is bound to one engine's registered KV memory (a
+``PagedKVCache``) and plays both roles:
+
+* **producer**: ``publish(request_id, block_ids)`` leases blocks for a
+  consumer to read; ``serve()`` runs the control listener; ``poll_released()``
+  tells the engine which requests' blocks may be freed - because the consumer
+  read them, because the lease expired, or because the engine released them.
+* **consumer**: ``pull(peer, request_id, remote_ids, local_ids)`` returns a
+  ``TransferHandle`` that moves through
+  ``QUEUED -> HANDSHAKING -> TRANSFERRING -> DONE | FAILED | CANCELLED``.
+
+The control connection (``kvbridge.protocol``) is common to every backend: it
+authenticates, checks layouts on both sides before any KV byte moves, asks the
+producer's permission for each read (so a lease can never expire under a read
+in progress - a late read is refused, never served from freed blocks) and
+reports completion. A backend implements four hooks:
+
+* ``_server_info()``: what a consumer needs to reach this producer's memory
+  (sent after the handshake succeeds);
+* ``_connect_data(peer)``: prepare per-peer state once (descriptors, remote
+  addresses) from that info;
+* ``_send_pull(conn, pull, ids)``: producer side of a granted pull (TCP sends
+  the bytes here; others only grant);
+* ``_receive_pull(peer, xfer, grant)``: consumer side: move the bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from kvbridge import protocol as P
+from kvbridge.blocks import BlockIdError, PagedKVCache
+from kvbridge.layout import KVLayout, LayoutMismatchError, check_compatible, layout_differences
+
+logger = logging.getLogger("kvbridge.transport")
+
+
+class TransportConfig(msgspec.Struct, kw_only=True):
+    """Tunables of every transport. Defaults in brackets.
+
+    Attributes:
+        host: address the producer's control listener binds ["127.0.0.1"].
+        port: its port; 0 picks a free one [0].
+        advertise_host: address consumers are told to dial [``host``].
+        secret: shared secret for HMAC authentication; None reads
+            ``$KVBRIDGE_SECRET``; unset means no authentication [None].
+        lease_s: how long a published request's blocks wait for a consumer
+            before they are freed anyway [120.0] (vLLM's NixlConnector waits
+            480 s; a lease that ends under a read in progress is extended
+            until the read finishes).
+        handshake_timeout_s: connect + handshake deadline [5.0].
+        transfer_timeout_s: a transfer with no progress for this long fails
+            [30.0].
+        socket_buffer_bytes: SO_SNDBUF/SO_RCVBUF for data connections [4 MiB].
+        max_inflight: pulls queued per peer connection before ``pull`` blocks
+            [64].
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise_host: str | None = None
+    secret: str | None = None
+    lease_s: float = 120.0
+    handshake_timeout_s: float = 5.0
+    transfer_timeout_s: float = 30.0
+    socket_buffer_bytes: int = 4 << 20
+    max_inflight: int = 64
+
+
+class TransferState(enum.Enum):
+    QUEUED = "queued"
+    HANDSHAKING = "handshaking"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (TransferState.DONE, TransferState.FAILED, TransferState.CANCELLED)
+
+
+class TransferError(RuntimeError):
+    """A pull failed; ``reason`` says why."""
+
+
+class TransferHandle:
+    """A pull in progress: pollable (``state``), waitable and awaitable.
+
+    ``await handle`` or ``handle.wait(timeout)`` return the final state;
+    ``handle.result()`` raises ``TransferError`` unless it is DONE.
+    """
+
+    def __init__(self, xfer_id: int, peer: str, request_id: str, remote_ids: list[int],
+                 local_ids: list[int], nbytes: int):
+        self.xfer_id = xfer_id
+        self.peer = peer
+        self.request_id = request_id
+        self.remote_ids = remote_ids
+        self.local_ids = local_ids
+        self.nbytes = nbytes
+        self.state = TransferState.QUEUED
+        self.error: str | None = None
+        self.created = time.monotonic()
+        self.started: float | None = None
+        self.finished_at: float | None = None
+        self.cancel_requested = False
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._cancel_cb = None
+
+    def __repr__(self) -> str:
+        return (f"TransferHandle(xfer={self.xfer_id}, req={self.request_id!r}, peer={self.peer}, "
+                f"{self.state.value}" + (f", error={self.error!r}" if self.error else "") + ")")
+
+    # -- state machine (transport side) --
+    def _advance(self, state: TransferState, error: str | None = None) -> bool:
+        with self._lock:
+            if self.state.finished:
+                return False
+            self.state = state
+            if state == TransferState.TRANSFERRING and self.started is None:
+                self.started = time.monotonic()
+            if state.finished:
+                self.error = error
+                self.finished_at = time.monotonic()
+                self._event.set()
+            return True
+
+    # -- user side --
+    def done(self) -> bool:
+        return self.state.finished
+
+    def wait(self, timeout: float | None = None) -> TransferState:
+        self._event.wait(timeout)
+        return self.state
+
+    def result(self, timeout: float | None = None) -> None:
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"transfer {self.xfer_id} still {self.state.value}")
+        if self.state != TransferState.DONE:
+            raise TransferError(f"transfer {self.xfer_id} of request {self.request_id!r} "
+                                f"{self.state.value}: {self.error}")
+
+    def __await__(self):
+        import asyncio
+
+        return asyncio.get_running_loop().run_in_executor(None, self.wait).__await__()
+
+    def cancel(self) -> bool:
+        """Ask to stop. True if no byte will be written to the local blocks
+        (already CANCELLED); a transfer mid-flight stops at the next safe point
+        and then turns CANCELLED."""
+        self.cancel_requested = True
+        if self.state == TransferState.QUEUED or self.state == TransferState.HANDSHAKING:
+            self._advance(TransferState.CANCELLED, "cancelled before transfer")
+        elif self._cancel_cb is not None and not self.state.finished:
+            self._cancel_cb(self)
+        return self.state == TransferState.CANCELLED
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.finished_at is None or self.started is None:
+            return None
+        return self.finished_at - self.started
+
+
+# -- producer-side leases -------------------------------------------------------
+
+@dataclass
+class _Lease:
+    request_id: str
+    block_ids: list[int]
+    expires: float
+    readers: int = 0
+    read: bool = False
+
+
+class LeaseTable:
+    """Blocks a producer holds for consumers, and why each was let go.
+
+    A request is released exactly once, with reason ``"read"``, ``"expired"``
+    or ``"released"`` (the engine let go of it: aborted, or freed by hand).
+    ``poll_released`` hands those events to the engine, which frees the blocks.
+    """
+
+    def __init__(self, lease_s: float):
+        self.lease_s = lease_s
+        self._leases: dict[str, _Lease] = {}
+        self._events: deque[tuple[str, str]] = deque()
+        self._lock = threading.Lock()
+
+    def publish(self, request_id: str, block_ids: Sequence[int], lease_s: float | None = None):
+        with self._lock:
+            if request_id in self._leases:
+                raise ValueError(f"request {request_id!r} is already published")
+            self._leases[request_id] = _Lease(request_id, list(block_ids),
+                                              time.monotonic() + (lease_s or self.lease_s))
+
+    def begin_read(self, request_id: str, block_ids: Sequence[int]) -> None:
+        """Grant a read of ``block_ids`` of ``request_id``; raises if not allowed."""
+        with self._lock:
+            lease = self._leases.get(request_id)
+            if lease is None:
+                raise KeyError(f"unknown request id {request_id!r} (never published, already "
+                               "read, released or expired)")
+            allowed = set(lease.block_ids)
+            stray = [b for b in block_ids if b not in allowed]
+            if stray:
+                raise BlockIdError(f"blocks {stray[:8]} are not published for request "
+                                   f"{request_id!r}")
+            lease.readers += 1
+
+    def end_read(self, request_id: str, ok: bool) -> None:
+        with self._lock:
+            lease = self._leases.get(request_id)
+            if lease is None:
+                return
+            lease.readers = max(0, lease.readers - 1)
+            if ok:
+                self._release_locked(request_id, "read")
+            elif lease.readers == 0 and time.monotonic() >= lease.expires:
+                self._release_locked(request_id, "expired")
+
+    def release(self, request_id: str) -> bool:
+        """The engine lets go (abort, or it is done); True if it was held."""
+        with self._lock:
+            if request_id not in self._leases:
+                return False
+            self._release_locked(request_id, "released")
+            return True
+
+    def expire(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        out = []
+        with self._lock:
+            for rid, lease in list(self._leases.items()):
+                if lease.expires <= now and lease.readers == 0:
+                    logger.warning("kvbridge: lease of request %s expired after %.1f s unread; "
+                                   "releasing its %d blocks", rid, self.lease_s,
+                                   len(lease.block_ids))
+                    self._release_locked(rid, "expired")
+                    out.append(rid)
+        return out
+
+    def _release_locked(self, request_id: str, reason: str) -> None:
+        self._leases.pop(request_id, None)
+        self._events.append((request_id, reason))
+
+    def poll(self) -> list[tuple[str, str]]:
+        """(request_id, reason) released since the last poll."""
+        with self._lock:
+            out = list(self._events)
+            self._events.clear()
+        return out
+
+    def held(self) -> dict[str, list[int]]:
+        with self._lock:
+            return {rid: list(lease.block_ids) for rid, lease in self._leases.items()}
+
+
+# -- metrics ------------------------------------------------------------------------
+
+@dataclass
+class TransportStats:
+    transfers_done: int = 0
+    transfers_failed: int = 0
+    transfers_cancelled: int = 0
+    bytes_pulled: int = 0
+    transfer_seconds: float = 0.0
+    bytes_served: int = 0
+    pulls_served: int = 0
+    handshakes: int = 0
+    handshake_seconds: float = 0.0
+    handshakes_refused: int = 0
+    protocol_errors: int = 0
+    failures: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["gbps"] = self.bytes_pulled / self.transfer_seconds / 1e9 if self.transfer_seconds else 0
+        return d
+
+
+# -- the control channel ---------------------------------------------------------------
+
+@dataclass
+class ServerConn:
+    """Producer side of one consumer connection."""
+
+    sock: socket.socket
+    peer: str
+    #: reads granted and not yet confirmed: xfer_id -> request_id. Ended (not
+    #: as read) if the connection drops, so a dead consumer strands nothing.
+    granted: dict = field(default_factory=dict)
+    #: whatever the backend keeps per consumer
+    backend: object = None
+
+
+class PeerConnection:
+    """Consumer side of one producer: a handshaken control connection plus
+    backend state prepared once (``data``)."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.sock: socket.socket | None = None
+        self.remote_layout: KVLayout | None = None
+        self.remote_info: dict = {}
+        self.data: object = None
+        self.inflight: deque[TransferHandle] = deque()
+        self.send_lock = threading.Lock()
+        self.ready = threading.Event()
+        self.error: str | None = None
+        self.closed = False
+        self.reader: threading.Thread | None = None
+
+
+class Transport:
+    """Base class of every backend (see the module docstring)."""
+
+    #: registry name of the backend
+    name = "base"
+
+    def __init__(self, cache: PagedKVCache, config: TransportConfig | None = None,
+                 *, agent_name: str | None = None):
+        self.cache = cache
+        self.layout = cache.layout
+        self.config = config or TransportConfig()
+        self.agent_name = agent_name or f"kvbridge-{uuid.uuid4().hex[:8]}"
+        self.secret = P.resolve_secret(self.config.secret)
+        self.leases = LeaseTable(self.config.lease_s)
+        self.stats = TransportStats()
+        #: why recent consumers were refused (also logged), newest last
+        self.refusals: deque[str] = deque(maxlen=32)
+        self._xfer_ids = iter(range(1, 1 << 62))
+        self._id_lock = threading.Lock()
+        self._peers: dict[str, PeerConnection] = {}
+        self._peers_lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._server_threads: list[threading.Thread] = []
+        self._server_conns: set[socket.socket] = set()
+        self._closing = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ producer
+    @property
+    def address(self) -> str:
+        """``host:port`` consumers dial (after ``serve()``)."""
+        if self._listener is None:
+            raise RuntimeError("serve() first")
+        host = self.config.advertise_host or self.config.host
+        return f"{host}:{self._listener.getsockname()[1]}"
+
+    def serve(self) -> str:
+        """Start the control listener (idempotent); returns ``address``."""
+        if self._listener is not None:
+            return self.address
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.host, self.config.port))
+        sock.listen(128)
+        self._listener = sock
+        t = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
+        t.start()
+        self._server_threads.append(t)
+        self._reaper = threading.Thread(target=self._reap_loop, name=f"{self.name}-leases",
+                                        daemon=True)
+        self._reaper.start()
+        self._start_producer()
+        return self.address
+
+    def publish(self, request_id: str, block_ids: Sequence[int], *,
+                num_tokens: int | None = None, lease_s: float | None = None) -> None:
+        """Hold ``block_ids`` of ``request_id`` for a consumer to read."""
+        ids = self.cache.validate(block_ids, num_tokens)
+        self.leases.publish(request_id, ids, lease_s)
+
+    def release(self, request_id: str) -> bool:
+        """Stop holding a request's blocks (abort); True if they were held."""
+        return self.leases.release(request_id)
+
+    def poll_released(self) -> list[tuple[str, str]]:
+        """(request_id, reason) whose blocks the engine may now free."""
+        self.leases.expire()
+        return self.leases.poll()
+
+    def _reap_loop(self) -> None:
+        while not self._closing.wait(0.5):
+            self.leases.expire()
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._closing.is_set():
+            try:
+                conn, addr = self._listener.accept()
+            except OSError:
+                return
+            self._tune(conn)
+            self._server_conns.add(conn)
+            t = threading.Thread(target=self._serve_conn, args=(conn, addr),
+                                 name=f"{self.name}-conn-{addr[1]}", daemon=True)
+            t.start()
+
+    def _tune(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, self.config.socket_buffer_bytes)
+            except OSError:
+                pass
+
+    def _serve_conn(self, conn: socket.socket, addr) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        state = ServerConn(conn, peer)
+        try:
+            conn.settimeout(self.config.handshake_timeout_s)
+            if not self._server_handshake(conn, peer, state):
+                return
+            conn.settimeout(None)
+            while not self._closing.is_set():
+                msg = P.recv_message(conn)
+                if isinstance(msg, P.Pull):
+                    self._handle_pull(conn, msg, state)
+                elif isinstance(msg, P.ReadDone):
+                    request_id = state.granted.pop(msg.xfer_id, None)
+                    if request_id is None:
+                        raise P.ProtocolError(f"ReadDone for transfer {msg.xfer_id}, which "
+                                              "was never granted")
+                    self.leases.end_read(request_id, msg.ok)
+                    self._on_read_done(msg, state)
+                else:
+                    raise P.ProtocolError(f"unexpected {type(msg).__name__} after handshake")
+        except P.PeerClosed:
+            pass
+        except (P.ProtocolError, socket.timeout) as e:
+            self.stats.protocol_errors += 1
+            logger.warning("kvbridge: closing connection from %s: %s", peer, e)
+            self._try_send(conn, P.Error("protocol", str(e)))
+        except OSError as e:
+            if not self._closing.is_set():
+                logger.info("kvbridge: connection from %s ended: %s", peer, e)
+        finally:
+            for request_id in state.granted.values():
+                self.leases.end_read(request_id, ok=False)
+            self._server_conns.discard(conn)
+            self._server_conn_closed(state)
+            conn.close()
+
+    def _try_send(self, conn: socket.socket, msg: P.Message) -> None:
+        try:
+            P.send_message(conn, msg)
+        except OSError:
+            pass
+
+    def _server_handshake(self, conn: socket.socket, peer: str, state: ServerConn) -> bool:
+        hello = P.recv_message(conn)
+        if not isinstance(hello, P.Hello):
+            raise P.ProtocolError(f"expected Hello, got {type(hello).__name__}")
+        if hello.protocol_version != P.PROTOCOL_VERSION:
+            msg = (f"unsupported protocol version {hello.protocol_version}; this producer "
+                   f"speaks {P.PROTOCOL_VERSION}")
+            self._refuse(peer, msg)
+            self._try_send(conn, P.Error("version", msg))
+            return False
+        nonce = P.new_nonce()
+        P.send_message(conn, P.Challenge(P.PROTOCOL_VERSION, nonce, self.secret is not None))
+        hs = P.recv_message(conn)
+        if not isinstance(hs, P.Handshake):
+            raise P.ProtocolError(f"expected Handshake, got {type(hs).__name__}")
+        if not P.verify_mac(self.secret, hs.mac, b"client", nonce, hello.nonce):
+            self._refuse(peer, "authentication failed")
+            # Say nothing about ourselves: no layout, no backend info.
+            self._try_send(conn, P.Error("auth", "authentication failed: wrong or missing "
+                                                 "shared secret"))
+            return False
+        if hs.backend != self.name:
+            msg = f"consumer uses transport {hs.backend!r}, this producer serves {self.name!r}"
+            self._refuse(peer, msg)
+            self._try_send(conn, P.Error("backend", msg))
+            return False
+        try:
+            check_compatible(self.layout, hs.layout)
+        except LayoutMismatchError as e:
+            self._refuse(peer, str(e))
+            self._try_send(conn, P.Error("layout", str(e), layout=self.layout))
+            return False
+        try:
+            state.backend = self._server_accept_peer(hs.info)
+        except Exception as e:  # backend refused (e.g. not the same host)
+            self._refuse(peer, str(e))
+            self._try_send(conn, P.Error("backend", str(e)))
+            return False
+        P.send_message(conn, P.HandshakeAccept(self.layout, P.mac(self.secret, b"server",
+                                                                   hello.nonce, nonce),
+                                               self._server_info()))
+        return True
+
+    def _refuse(self, peer: str, reason: str) -> None:
+        self.stats.handshakes_refused += 1
+        self.refusals.append(reason)
+        logger.error("kvbridge: refusing consumer %s: %s", peer, reason)
+
+    def _handle_pull(self, conn: socket.socket, pull: P.Pull, state: ServerConn) -> None:
+        if pull.xfer_id in state.granted:
+            raise P.ProtocolError(f"transfer id {pull.xfer_id} is already in flight")
+        try:
+            ids = self.cache.validate(pull.block_ids)
+            self.leases.begin_read(pull.request_id, ids)
+        except (KeyError, BlockIdError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) else str(e)
+            logger.warning("kvbridge: refusing pull %d: %s", pull.xfer_id, msg)
+            P.send_message(conn, P.PullError(pull.xfer_id, msg))
+            return
+        self.stats.pulls_served += 1
+        state.granted[pull.xfer_id] = pull.request_id
+        self._send_pull(conn, pull, ids, state)
+
+    # ------------------------------------------------------------------ consumer
+    def pull(self, peer: str, request_id: str, remote_block_ids: Sequence[int],
+             local_block_ids: Sequence[int]) -> TransferHandle:
+        """Start reading ``remote_block_ids`` of ``request_id`` on ``peer`` into
+        ``local_block_ids`` here. Never blocks on the network."""
+        local = self.cache.validate(local_block_ids, what="local block ids")
+        remote = [int(b) for b in remote_block_ids]
+        if len(remote) != len(local):
+            raise BlockIdError(f"{len(remote)} remote block ids but {len(local)} local ones")
+        with self._id_lock:
+            xfer_id = next(self._xfer_ids)
+        handle = TransferHandle(xfer_id, peer, request_id, remote, local,
+                                self.cache.staging_bytes(len(local)))
+        handle._cancel_cb = self._on_cancel
+        self._peer(peer).inflight  # create lazily
+        threading.Thread(target=self._submit, args=(handle,), daemon=True,
+                         name=f"{self.name}-pull-{xfer_id}").start()
+        return handle
+
+    def handshake(self, peer: str, timeout: float | None = None) -> KVLayout:
+        """Connect and handshake with ``peer`` now (else the first pull does);
+        returns the remote layout or raises (``LayoutMismatchError``, ...)."""
+        conn = self._peer(peer)
+        self._ensure_connected(conn)
+        if conn.error:
+            raise TransferError(conn.error) if not conn.remote_layout else TransferError(conn.error)
+        return conn.remote_layout
+
+    def _peer(self, address: str) -> PeerConnection:
+        with self._peers_lock:
+            conn = self._peers.get(address)
+            if conn is None or conn.closed:
+                conn = PeerConnection(address)
+                self._peers[address] = conn
+            return conn
+
+    def _submit(self, handle: TransferHandle) -> None:
+        conn = self._peer(handle.peer)
+        if not conn.ready.is_set():
+            handle._advance(TransferState.HANDSHAKING)
+        try:
+            self._ensure_connected(conn)
+        except Exception as e:  # noqa: BLE001 - reported through the handle
+            self._fail(handle, f"{e}")
+            return
+        if conn.error:
+            self._fail(handle, conn.error)
+            return
+        if handle.state.finished:
+            return
+        with conn.send_lock:
+            if conn.closed:
+                self._fail(handle, conn.error or "connection closed")
+                return
+            handle._advance(TransferState.TRANSFERRING)
+            conn.inflight.append(handle)
+            try:
+                P.send_message(conn.sock, P.Pull(handle.xfer_id, handle.request_id,
+                                                 handle.remote_ids))
+            except OSError as e:
+                self._close_peer(conn, f"send to producer {conn.address} failed: {e}")
+
+    def _ensure_connected(self, conn: PeerConnection) -> None:
+        with conn.send_lock:
+            if conn.ready.is_set():
+                return
+            t0 = time.monotonic()
+            try:
+                self._client_handshake(conn)
+            except LayoutMismatchError as e:
+                conn.error = f"handshake with {conn.address} refused: {e}"
+                conn.ready.set()
+                logger.error("kvbridge: %s", conn.error)
+                raise
+            except Exception as e:
+                conn.error = f"handshake with {conn.address} failed: {e}"
+                conn.closed = True
+                conn.ready.set()
+                logger.error("kvbridge: %s", conn.error)
+                if conn.sock is not None:
+                    conn.sock.close()
+                raise TransferError(conn.error) from e
+            self.stats.handshakes += 1
+            self.stats.handshake_seconds += time.monotonic() - t0
+            conn.reader = threading.Thread(target=self._reader_loop, args=(conn,), daemon=True,
+                                           name=f"{self.name}-reader-{conn.address}")
+            conn.reader.start()
+            conn.ready.set()
+
+    def _client_handshake(self, conn: PeerConnection) -> None:
+        host, _, port = conn.address.rpartition(":")
+        sock = socket.create_connection((host, int(port)), timeout=self.config.handshake_timeout_s)
+        conn.sock = sock
+        self._tune(sock)
+        nonce = P.new_nonce()
+        P.send_message(sock, P.Hello(P.PROTOCOL_VERSION, nonce, self.agent_name))
+        ch = P.recv_message(sock)
+        if isinstance(ch, P.Error):
+            raise TransferError(f"producer refused: {ch.message}")
+        if not isinstance(ch, P.Challenge):
+            raise P.ProtocolError(f"expected Challenge, got {type(ch).__name__}")
+        if ch.auth_required and self.secret is None:
+            raise TransferError("producer requires a shared secret and none is configured "
+                                f"(set {P.SECRET_ENV} or the transport's secret)")
+        P.send_message(sock, P.Handshake(self.layout, P.mac(self.secret, b"client", ch.nonce,
+                                                            nonce),
+                                         self.name, self._client_info()))
+        reply = P.recv_message(sock)
+        if isinstance(reply, P.Error):
+            if reply.code == "layout" and reply.layout is not None:
+                raise LayoutMismatchError(layout_differences(self.layout, reply.layout))
+            raise TransferError(f"producer refused ({reply.code}): {reply.message}")
+        if not isinstance(reply, P.HandshakeAccept):
+            raise P.ProtocolError(f"expected HandshakeAccept, got {type(reply).__name__}")
+        if ch.auth_required and not P.verify_mac(self.secret, reply.mac, b"server", nonce,
+                                                  ch.nonce):
+            raise TransferError("producer failed to prove it knows the shared secret")
+        check_compatible(self.layout, reply.layout)
+        conn.remote_layout = reply.layout
+        conn.remote_info = reply.info
+        conn.data = self._connect_data(conn)
+        sock.settimeout(min(1.0, self.config.transfer_timeout_s))
+
+    def _reader_loop(self, conn: PeerConnection) -> None:
+        sock = conn.sock
+        assert sock is not None
+        reason = "connection closed"
+        try:
+            while not conn.closed:
+                try:
+                    msg = P.recv_message(sock)
+                except socket.timeout:
+                    self._check_stalled(conn)
+                    continue
+                if isinstance(msg, (P.PullGrant, P.PullError)):
+                    handle = self._pop_inflight(conn, msg.xfer_id)
+                    if isinstance(msg, P.PullError):
+                        self._fail(handle, f"producer refused the pull: {msg.message}")
+                        continue
+                    ok = self._receive_pull(conn, handle, msg)
+                    self._finish_read(conn, handle, ok)
+                elif isinstance(msg, P.Error):
+                    raise TransferError(f"producer error ({msg.code}): {msg.message}")
+                else:
+                    raise P.ProtocolError(f"unexpected {type(msg).__name__} from producer")
+        except P.PeerClosed as e:
+            reason = f"producer {conn.address} closed the connection ({e})"
+        except (P.ProtocolError, TransferError, OSError) as e:
+            reason = f"connection to producer {conn.address} failed: {e}"
+        finally:
+            self._close_peer(conn, reason)
+
+    def _check_stalled(self, conn: PeerConnection) -> None:
+        if conn.inflight:
+            oldest = conn.inflight[0]
+            since = oldest.started or oldest.created
+            if time.monotonic() - since > self.config.transfer_timeout_s:
+                raise TransferError(f"no progress for {self.config.transfer_timeout_s:.0f} s "
+                                    "(producer hung?)")
+
+    def _pop_inflight(self, conn: PeerConnection, xfer_id: int) -> TransferHandle:
+        with conn.send_lock:
+            if not conn.inflight or conn.inflight[0].xfer_id != xfer_id:
+                raise P.ProtocolError(f"reply for unknown transfer {xfer_id}")
+            return conn.inflight.popleft()
+
+    def _finish_read(self, conn: PeerConnection, handle: TransferHandle, ok: bool) -> None:
+        cancelled = handle.cancel_requested and not ok
+        with conn.send_lock:
+            try:
+                P.send_message(conn.sock, P.ReadDone(handle.xfer_id, handle.request_id, ok))
+            except OSError:
+                pass
+        if ok:
+            self.stats.transfers_done += 1
+            self.stats.bytes_pulled += handle.nbytes
+            handle._advance(TransferState.DONE)
+            if handle.duration_s:
+                self.stats.transfer_seconds += handle.duration_s
+        elif cancelled:
+            self.stats.transfers_cancelled += 1
+            handle._advance(TransferState.CANCELLED, "cancelled during transfer")
+        else:
+            self._fail(handle, handle.error or "transfer failed")
+
+    def _fail(self, handle: TransferHandle, reason: str) -> None:
+        if handle._advance(TransferState.FAILED, reason):
+            self.stats.transfers_failed += 1
+            kind = reason.split(":")[0][:60]
+            self.stats.failures[kind] = self.stats.failures.get(kind, 0) + 1
+            logger.warning("kvbridge: pull %d of request %s from %s failed: %s", handle.xfer_id,
+                           handle.request_id, handle.peer, reason)
+
+    def _close_peer(self, conn: PeerConnection, reason: str) -> None:
+        with conn.send_lock:
+            if conn.closed and not conn.inflight:
+                return
+            conn.closed = True
+            conn.error = conn.error or reason
+            pending = list(conn.inflight)
+            conn.inflight.clear()
+        # Forget the peer and free its resources before failing the handles,
+        # so whoever sees FAILED also sees nothing left held for that peer.
+        with self._peers_lock:
+            if self._peers.get(conn.address) is conn:
+                del self._peers[conn.address]
+        if conn.sock is not None:
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+        self._disconnect_data(conn)
+        for h in pending:
+            self._fail(h, reason)
+
+    def _on_cancel(self, handle: TransferHandle) -> None:
+        """Default: a transfer mid-flight finishes into scratch space (see backends)."""
+
+    # ------------------------------------------------------------------ lifecycle
+    def metrics(self) -> dict:
+        out = self.stats.as_dict()
+        out["held_requests"] = len(self.leases.held())
+        out["refusals"] = list(self.refusals)
+        out["transport"] = self.name
+        return out
+
+    def close(self) -> None:
+        """Stop serving, fail in-flight pulls, free backend resources."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        if self._listener is not None:
+            self._listener.close()
+        for c in list(self._server_conns):
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self._peers_lock:
+            peers = list(self._peers.values())
+        for conn in peers:
+            self._close_peer(conn, "transport closed")
+        self._close_backend()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ backend hooks
+    def _start_producer(self) -> None:
+        """Producer-side setup once ``serve()`` runs (register memory, ...)."""
+
+    def _server_info(self) -> dict:
+        return {}
+
+    def _client_info(self) -> dict:
+        return {}
+
+    def _server_accept_peer(self, info: dict):
+        """Per-connection producer state from the consumer's info; raise to refuse."""
+        return None
+
+    def _send_pull(self, conn: socket.socket, pull: P.Pull, ids: list[int],
+                   state: ServerConn) -> None:
+        raise NotImplementedError
+
+    def _on_read_done(self, msg: P.ReadDone, state: ServerConn) -> None:
+        """Producer saw a ReadDone (stats)."""
+
+    def _server_conn_closed(self, state: ServerConn) -> None:
+        """A consumer connection went away (backend cleanup)."""
+
+    def _connect_data(self, conn: PeerConnection):
+        return None
+
+    def _receive_pull(self, conn: PeerConnection, handle: TransferHandle,
+                      grant: P.PullGrant) -> bool:
+        raise NotImplementedError
+
+    def _disconnect_data(self, conn: PeerConnection) -> None:
+        pass
+
+    def _close_backend(self) -> None:
+        pass

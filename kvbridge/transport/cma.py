@@ -1,0 +1,194 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Same-host transport: the consumer reads the producer's blocks directly.
+
+``process_vm_readv`` (Linux cross-memory attach, what UCX's ``cma`` transport
+uses) copies from another process's address space into ours in one kernel
+call per batch of iovecs: producer block -> consumer block, no staging copy and
+no socket. The control connection still authenticates, checks layouts and
+grants each read, so the producer's lease rules hold exactly as for TCP.
+
+Requirements: both processes on one host, in one PID namespace, and the
+consumer allowed to ptrace-read the producer (same user; under Yama
+``ptrace_scope=1`` the producer opts in with ``PR_SET_PTRACER``, which this
+backend does). The handshake refuses the pairing with the reason otherwise.
+Host memory only.
+
+Tunables: ``KVBRIDGE_CMA_THREADS`` - threads splitting one large read
+[min(4, cores)]; reads under 8 MiB use one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import ctypes
+import errno
+import os
+
+import numpy as np
+
+from kvbridge import protocol as P
+from kvbridge.transport.base import PeerConnection, ServerConn, TransferHandle, Transport
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_readv = _libc.process_vm_readv
+_readv.restype = ctypes.c_ssize_t
+_readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p,
+                   ctypes.c_ulong, ctypes.c_ulong]
+PR_SET_PTRACER = 0x59616D61
+PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
+IOV_BATCH = 1024
+THREADS = int(os.environ.get("KVBRIDGE_CMA_THREADS", min(4, os.cpu_count() or 1)))
+PARALLEL_MIN_BYTES = 8 << 20
+
+
+def host_identity() -> dict:
+    """What must match for two processes to read each other's memory by pid."""
+    def read(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = ""
+    return {"boot_id": read("/proc/sys/kernel/random/boot_id"), "pidns": pidns}
+
+
+def _iov_array(spans: list[tuple[int, int]]) -> np.ndarray:
+    """struct iovec[] (void *base, size_t len) as a uint64 array."""
+    return np.array(spans, dtype=np.uint64).reshape(-1, 2)
+
+
+def read_remote(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, int]]) -> None:
+    """One process_vm_readv; raises OSError unless every byte arrived."""
+    liov, riov = _iov_array(local), _iov_array(remote)
+    want = int(liov[:, 1].sum())
+    got = _readv(pid, liov.ctypes.data, len(liov), riov.ctypes.data, len(riov), 0)
+    if got < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"process_vm_readv from pid {pid}: {os.strerror(err)}")
+    if got != want:
+        raise OSError(errno.EIO, f"process_vm_readv from pid {pid}: short read {got} of {want}")
+
+
+class CmaTransport(Transport):
+    name = "cma"
+
+    @staticmethod
+    def is_available() -> bool:
+        return os.path.exists("/proc/self/ns/pid") and hasattr(_libc, "process_vm_readv")
+
+    def __init__(self, cache, config=None, **kw):
+        if cache.device.type != "cpu":
+            raise ValueError("the cma transport reads host memory only; use nixl for devices")
+        super().__init__(cache, config, **kw)
+        self._pool: cf.ThreadPoolExecutor | None = None
+
+    # -- producer --
+    def _start_producer(self) -> None:
+        # Let same-user consumers read us under Yama ptrace_scope=1.
+        try:
+            _libc.prctl(PR_SET_PTRACER, ctypes.c_ulong(PR_SET_PTRACER_ANY), 0, 0, 0)
+        except Exception:  # noqa: BLE001 - not Linux/Yama: nothing to do
+            pass
+
+    def _server_info(self) -> dict:
+        return {"pid": os.getpid(), **host_identity(),
+                "regions": [[addr, stride] for addr, stride, _ in self.cache.region_addresses()],
+                "num_blocks": self.cache.num_blocks}
+
+    def _client_info(self) -> dict:
+        return host_identity()
+
+    def _server_accept_peer(self, info: dict):
+        mine = host_identity()
+        if info.get("boot_id") != mine["boot_id"] or info.get("pidns") != mine["pidns"]:
+            raise ValueError("the cma transport needs both processes on one host and in one "
+                             "PID namespace; use tcp or nixl across hosts")
+        return None
+
+    def _send_pull(self, conn, pull: P.Pull, ids: list[int], state: ServerConn) -> None:
+        nbytes = self.cache.staging_bytes(len(ids))
+        P.send_message(conn, P.PullGrant(pull.xfer_id, nbytes))
+        self.stats.bytes_served += nbytes
+
+    # -- consumer --
+    def _connect_data(self, conn: PeerConnection):
+        info = conn.remote_info
+        mine = host_identity()
+        if info.get("boot_id") != mine["boot_id"] or info.get("pidns") != mine["pidns"]:
+            raise ValueError("producer is not on this host / PID namespace")
+        pid = int(info["pid"])
+        regions = [(int(a), int(s)) for a, s in info["regions"]]
+        # Probe once so a permission problem is a handshake error, not a failed pull.
+        probe = ctypes.create_string_buffer(1)
+        try:
+            read_remote(pid, [(ctypes.addressof(probe), 1)], [(regions[0][0], 1)])
+        except OSError as e:
+            raise PermissionError(
+                f"cannot read producer pid {pid}'s memory ({e.strerror}); the cma transport "
+                "needs the same user and ptrace permission (see /proc/sys/kernel/yama/"
+                "ptrace_scope) - use tcp or nixl instead") from None
+        return {"pid": pid, "regions": regions, "num_blocks": int(info["num_blocks"])}
+
+    def _receive_pull(self, conn: PeerConnection, handle: TransferHandle,
+                      grant: P.PullGrant) -> bool:
+        if handle.cancel_requested:
+            return False
+        if grant.nbytes != handle.nbytes:
+            raise P.ProtocolError(f"grant of {grant.nbytes} bytes for a {handle.nbytes}-byte pull")
+        data = conn.data
+        if any(b >= data["num_blocks"] for b in handle.remote_ids):
+            handle.error = "remote block id beyond the producer's cache"
+            return False
+        batches = self._batches(data["regions"], handle.remote_ids, handle.local_ids)
+        try:
+            if handle.nbytes >= PARALLEL_MIN_BYTES and THREADS > 1 and len(batches) > 1:
+                if self._pool is None:
+                    self._pool = cf.ThreadPoolExecutor(THREADS, thread_name_prefix="kvb-cma")
+                list(self._pool.map(lambda b: read_remote(data["pid"], *b), batches))
+            else:
+                for local, remote in batches:
+                    read_remote(data["pid"], local, remote)
+        except OSError as e:
+            handle.error = f"reading producer memory failed: {e.strerror or e}"
+            return False
+        return True
+
+    def _batches(self, remote_regions, remote_ids, local_ids):
+        """(local iovecs, remote iovecs) batches of at most IOV_BATCH entries.
+
+        Blocks are paired one to one, so runs are merged only where both the
+        local and the remote ids are consecutive.
+        """
+        bb = self.layout.block_bytes
+        local_regions = [(a, s) for a, s, _ in self.cache.region_addresses()]
+        pairs = list(zip(remote_ids, local_ids))
+        spans: list[tuple[int, int, int]] = []  # (remote id, local id, count)
+        for r, lo in pairs:
+            if spans and spans[-1][0] + spans[-1][2] == r and spans[-1][1] + spans[-1][2] == lo:
+                spans[-1] = (spans[-1][0], spans[-1][1], spans[-1][2] + 1)
+            else:
+                spans.append((r, lo, 1))
+        out = []
+        for (raddr, rstride), (laddr, lstride) in zip(remote_regions, local_regions):
+            rpacked, lpacked = rstride == bb, lstride == bb
+            local, remote = [], []
+            for rid, lid, count in spans:
+                if rpacked and lpacked:
+                    local.append((laddr + lid * lstride, count * bb))
+                    remote.append((raddr + rid * rstride, count * bb))
+                else:
+                    for k in range(count):
+                        local.append((laddr + (lid + k) * lstride, bb))
+                        remote.append((raddr + (rid + k) * rstride, bb))
+            for i in range(0, len(local), IOV_BATCH):
+                out.append((local[i:i + IOV_BATCH], remote[i:i + IOV_BATCH]))
+        return out
+
+    def _close_backend(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+

@@ -1,0 +1,77 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A producer transport in its own process, driven over a multiprocessing pipe.
+
+Commands (tuples) and replies:
+  ("publish", request_id, block_ids, lease_s)  -> None | error string
+  ("release", request_id)                      -> bool (was it held)
+  ("poll",)                                    -> [(request_id, reason), ...]
+  ("metrics",)                                 -> dict
+  ("digest", block_ids)                        -> hex digest of those blocks
+  ("stop",)                                    -> None, then exit
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+
+def make_cache(num_blocks: int, seed: int | None, *, block_size: int = 32, kv_heads: int = 2,
+               head_size: int = 16, layers: int = 2, dtype: str = "bfloat16",
+               model: str = "test-model"):
+    import torch
+
+    from kvbridge.blocks import PagedKVCache
+    from kvbridge.layout import KVLayout
+
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    regions = []
+    for _ in range(layers):
+        t = torch.zeros((num_blocks, kv_heads, block_size, 2 * head_size), dtype=tdtype)
+        if gen is not None:
+            raw = t.view(torch.uint8)
+            raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen))
+        regions.append(t)
+    layout = KVLayout.from_tensors(regions, model=model, block_size=block_size,
+                                   num_kv_heads=kv_heads, head_size=head_size,
+                                   memory_layout="LBHNC")
+    return PagedKVCache(layout, regions)
+
+
+def digest(cache, block_ids) -> str:
+    h = hashlib.sha256()
+    for v in cache.byte_views:
+        for b in block_ids:
+            h.update(v[b].numpy().tobytes())
+    return h.hexdigest()
+
+
+def producer_main(pipe, backend: str, cache_kw: dict, config_kw: dict, env: dict) -> None:
+    os.environ.update(env)
+    from kvbridge.transport import TransportConfig, create_transport
+
+    cache = make_cache(**cache_kw)
+    transport = create_transport(backend, cache, TransportConfig(**config_kw))
+    pipe.send(transport.serve())
+    while True:
+        cmd, *args = pipe.recv()
+        if cmd == "publish":
+            rid, ids, lease_s = args
+            try:
+                transport.publish(rid, ids, lease_s=lease_s)
+                pipe.send(None)
+            except Exception as e:  # noqa: BLE001
+                pipe.send(str(e))
+        elif cmd == "release":
+            pipe.send(transport.release(args[0]))
+        elif cmd == "poll":
+            pipe.send(transport.poll_released())
+        elif cmd == "metrics":
+            pipe.send(transport.metrics())
+        elif cmd == "digest":
+            pipe.send(digest(cache, args[0]))
+        elif cmd == "stop":
+            transport.close()
+            pipe.send(None)
+            return

@@ -1,0 +1,172 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Malformed input never crashes a producer: every backend's control listener
+answers bad frames with a clear error, closes only that connection and keeps
+serving the others."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvbridge import protocol as P
+from kvbridge.layout import KVLayout
+from kvbridge.transport import TransferState, TransportConfig, available, create_transport
+from test_transport import BACKENDS, ENV, Producer, make_cache
+
+LAYOUT = make_cache(4, None).layout
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def served(request):
+    if request.param not in available():
+        pytest.fail(f"backend {request.param} unavailable")
+    os.environ.update(ENV)
+    prod = Producer(request.param)
+    yield request.param, prod
+    prod.stop()
+
+
+def _host_port(address):
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def exchange(address: str, payload: bytes, timeout: float = 3.0) -> bytes:
+    """Send raw bytes, half-close, return whatever the server says before closing."""
+    with socket.create_connection(_host_port(address), timeout=timeout) as s:
+        try:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        chunks = []
+        try:
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                chunks.append(b)
+        except (socket.timeout, ConnectionResetError):
+            pass
+    return b"".join(chunks)
+
+
+def frames(data: bytes) -> list:
+    out = []
+    while len(data) >= P.HEADER.size:
+        magic, kind, length = P.HEADER.unpack_from(data)
+        body = data[P.HEADER.size:P.HEADER.size + length]
+        data = data[P.HEADER.size + length:]
+        if kind == P.KIND_MSG:
+            out.append(P.decode(body))
+    return out
+
+
+def assert_still_serves(backend: str, prod: Producer, rid: str) -> None:
+    prod.publish(rid, [1, 2])
+    cache = make_cache(64, None)
+    with create_transport(backend, cache, TransportConfig()) as t:
+        h = t.pull(prod.address, rid, [1, 2], [3, 4])
+        assert h.wait(30) == TransferState.DONE, h.error
+    assert prod.proc.is_alive()
+
+
+def hello(version=P.PROTOCOL_VERSION) -> bytes:
+    return P.encode(P.Hello(version, b"n" * 16, "fuzz"))
+
+
+def test_wrong_protocol_version_gets_a_clear_error(served):
+    backend, prod = served
+    reply = frames(exchange(prod.address, hello(P.PROTOCOL_VERSION + 7)))
+    assert len(reply) == 1 and isinstance(reply[0], P.Error)
+    assert reply[0].code == "version"
+    assert f"unsupported protocol version {P.PROTOCOL_VERSION + 7}" in reply[0].message
+    assert_still_serves(backend, prod, "after-version")
+
+
+@pytest.mark.parametrize("payload,expect", [
+    (b"GET / HTTP/1.1\r\n\r\n", "bad frame magic"),
+    (P.HEADER.pack(P.MAGIC, P.KIND_MSG, P.MAX_MESSAGE_BYTES + 1), "oversized message frame"),
+    (P.HEADER.pack(P.MAGIC, 9, 4) + b"abcd", "unknown frame kind 9"),
+    (P.HEADER.pack(P.MAGIC, P.KIND_MSG, 5) + b"\xc1\xc1\xc1\xc1\xc1", "undecodable message"),
+    (P.encode(P.Pull(1, "r", [1])), "expected Hello, got Pull"),
+    (P.HEADER.pack(P.MAGIC, P.KIND_DATA, 10) + b"x" * 10, "expected a message frame"),
+])
+def test_malformed_frames_get_named_errors(served, payload, expect):
+    backend, prod = served
+    reply = frames(exchange(prod.address, payload))
+    assert reply and isinstance(reply[-1], P.Error), reply
+    assert expect in reply[-1].message
+
+
+def test_truncated_frames_close_quietly(served):
+    backend, prod = served
+    full = hello()
+    for cut in (1, P.HEADER.size - 1, P.HEADER.size + 3, len(full) - 1):
+        exchange(prod.address, full[:cut])
+    assert_still_serves(backend, prod, "after-truncation")
+
+
+def test_pull_before_handshake_completes_is_refused(served):
+    backend, prod = served
+    prod.publish("secret-blocks", [1])
+    payload = hello() + P.encode(P.Pull(1, "secret-blocks", [1]))
+    reply = frames(exchange(prod.address, payload))
+    assert isinstance(reply[0], P.Challenge)
+    assert isinstance(reply[-1], P.Error) and "expected Handshake, got Pull" in reply[-1].message
+    assert not any(isinstance(m, (P.PullGrant, P.HandshakeAccept)) for m in reply)
+
+
+def _valid_frames():
+    hs = P.encode(P.Handshake(LAYOUT, b"", "tcp", {}))
+    return [hello(), hs, P.encode(P.ReadDone(1, "r")), P.encode(P.Pull(3, "x", [0, 1]))]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_frames_never_crash_the_server(served, data):
+    backend, prod = served
+    kind = data.draw(st.sampled_from(["garbage", "mutated", "header", "prefix"]))
+    if kind == "garbage":
+        payload = data.draw(st.binary(max_size=512))
+    elif kind == "mutated":
+        base = bytearray(b"".join(data.draw(st.lists(st.sampled_from(_valid_frames()),
+                                                      min_size=1, max_size=3))))
+        for _ in range(data.draw(st.integers(1, 6))):
+            i = data.draw(st.integers(0, len(base) - 1))
+            base[i] = data.draw(st.integers(0, 255))
+        payload = bytes(base)
+    elif kind == "header":
+        payload = P.HEADER.pack(data.draw(st.sampled_from([P.MAGIC, b"XX"])),
+                                data.draw(st.integers(0, 255)),
+                                data.draw(st.integers(0, 2**32 - 1))) + data.draw(
+            st.binary(max_size=64))
+    else:
+        frame = data.draw(st.sampled_from(_valid_frames()))
+        payload = frame[:data.draw(st.integers(0, len(frame)))]
+    exchange(prod.address, payload, timeout=2.0)
+    assert prod.proc.is_alive()
+
+
+def test_server_serves_after_fuzzing(served):
+    backend, prod = served
+    assert_still_serves(backend, prod, "after-fuzz")
+    m = prod.call("metrics")
+    assert m["protocol_errors"] > 0
+
+
+def test_messages_round_trip_and_reject_unknown_types():
+    msg = P.Pull(7, "req", [1, 2, 3])
+    assert P.decode(P.encode(msg)[P.HEADER.size:]) == msg
+    bogus = msgspec.msgpack.encode({"type": "Teleport", "xfer_id": 1})
+    with pytest.raises(P.ProtocolError, match="undecodable"):
+        P.decode(bogus)
+    with pytest.raises(P.ProtocolError):
+        P.decode(msgspec.msgpack.encode({"type": "Pull", "xfer_id": "1", "request_id": "r",
+                                         "block_ids": [1]}))
+    assert isinstance(P.decode(P.encode(P.Handshake(LAYOUT))[P.HEADER.size:]).layout, KVLayout)

@@ -1,0 +1,340 @@
+# SPDX-License-Identifier: Apache-2.0
+"""One suite, every backend: a real producer process, real sockets, real memory.
+
+The producer runs in its own process (``helpers.transport_peer``) driven over
+a pipe; the consumer is this process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import socket
+import time
+
+import pytest
+
+from helpers.transport_peer import digest, make_cache, producer_main
+from kvbridge import protocol as P
+from kvbridge.layout import LayoutMismatchError
+from kvbridge.transport import (
+    TransferError,
+    TransferState,
+    TransportConfig,
+    available,
+    create_transport,
+)
+
+BACKENDS = ["tcp", "cma", "nixl"]
+NUM_BLOCKS = 64
+ENV = {"UCX_NET_DEVICES": "lo"}
+
+
+def _require(backend: str) -> None:
+    if backend not in available():
+        pytest.fail(f"backend {backend} is not available here (its dependency failed to import)")
+
+
+class Producer:
+    """Handle on a producer process."""
+
+    def __init__(self, backend: str, cache_kw: dict | None = None, config_kw: dict | None = None,
+                 env: dict | None = None):
+        ctx = mp.get_context("spawn")
+        self.pipe, child = ctx.Pipe()
+        kw = dict(num_blocks=NUM_BLOCKS, seed=11)
+        kw.update(cache_kw or {})
+        self.proc = ctx.Process(target=producer_main,
+                                args=(child, backend, kw, config_kw or {}, {**ENV, **(env or {})}),
+                                daemon=True)
+        self.proc.start()
+        if not self.pipe.poll(60):
+            self.kill()
+            raise RuntimeError("producer did not start")
+        self.address = self.pipe.recv()
+
+    def call(self, *cmd, timeout: float = 30):
+        self.pipe.send(cmd)
+        if not self.pipe.poll(timeout):
+            raise TimeoutError(f"producer did not answer {cmd[0]}")
+        return self.pipe.recv()
+
+    def publish(self, rid, ids, lease_s=None):
+        err = self.call("publish", rid, list(ids), lease_s)
+        assert err is None, err
+
+    def kill(self):
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(10)
+
+    def stop(self):
+        if self.proc.is_alive():
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)
+                self.call("stop", timeout=10)
+            except (TimeoutError, OSError, EOFError, BrokenPipeError):
+                pass
+        self.proc.join(10)
+        self.kill()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    _require(request.param)
+    os.environ.update(ENV)
+    return request.param
+
+
+@pytest.fixture
+def producers():
+    started: list[Producer] = []
+
+    def start(*a, **kw):
+        p = Producer(*a, **kw)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture
+def consumers():
+    made = []
+
+    def make(backend, config_kw=None, **cache_kw):
+        kw = dict(num_blocks=NUM_BLOCKS, seed=None)
+        kw.update(cache_kw)
+        cache = make_cache(**kw)
+        t = create_transport(backend, cache, TransportConfig(**(config_kw or {})))
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+
+
+def test_scattered_blocks_are_byte_exact(backend, producers, consumers):
+    prod = producers(backend)
+    cons = consumers(backend)
+    rng = random.Random(1)
+    remote = rng.sample(range(NUM_BLOCKS), 24)
+    local = rng.sample(range(NUM_BLOCKS), 24)
+    untouched = [b for b in range(NUM_BLOCKS) if b not in local]
+    before = digest(cons.cache, untouched)
+    prod.publish("req-1", remote)
+    h = cons.pull(prod.address, "req-1", remote, local)
+    assert h.wait(30) == TransferState.DONE, h.error
+    assert digest(cons.cache, local) == prod.call("digest", remote)
+    assert digest(cons.cache, untouched) == before, "a block outside the pull changed"
+    # The producer learns the blocks were read and may free them.
+    deadline = time.monotonic() + 5
+    released = []
+    while time.monotonic() < deadline and not released:
+        released = prod.call("poll")
+        time.sleep(0.02)
+    assert released == [("req-1", "read")]
+    m = cons.metrics()
+    assert m["transfers_done"] == 1 and m["bytes_pulled"] == h.nbytes > 0
+
+
+def test_adjacent_runs_and_partial_overlap(backend, producers, consumers):
+    """Runs of consecutive ids on one side only must still pair block by block."""
+    prod = producers(backend)
+    cons = consumers(backend)
+    remote = [3, 4, 5, 6, 10, 11, 40]
+    local = [20, 21, 9, 8, 30, 31, 0]
+    prod.publish("r", remote)
+    h = cons.pull(prod.address, "r", remote, local)
+    assert h.wait(30) == TransferState.DONE, h.error
+    for r, lo in zip(remote, local):
+        assert digest(cons.cache, [lo]) == prod.call("digest", [r])
+
+
+def test_concurrent_requests_on_one_connection(backend, producers, consumers):
+    prod = producers(backend)
+    cons = consumers(backend)
+    handles = []
+    for i in range(8):
+        remote = list(range(i * 8, i * 8 + 8))
+        local = list(range(NUM_BLOCKS - 8 * (i + 1), NUM_BLOCKS - 8 * i))
+        prod.publish(f"c{i}", remote)
+        handles.append((cons.pull(prod.address, f"c{i}", remote, local), remote, local))
+    for h, remote, local in handles:
+        assert h.wait(30) == TransferState.DONE, h.error
+        assert digest(cons.cache, local) == prod.call("digest", remote)
+    assert cons.metrics()["handshakes"] == 1, "descriptors/handshake must be reused per peer"
+
+
+def test_cancelled_transfer_writes_nothing_and_keeps_the_lease(backend, producers, consumers):
+    prod = producers(backend)
+    cons = consumers(backend)
+    prod.publish("x", [1, 2, 3])
+    before = digest(cons.cache, [4, 5, 6])
+    h = cons.pull(prod.address, "x", [1, 2, 3], [4, 5, 6])
+    h.cancel()
+    assert h.wait(30) in (TransferState.CANCELLED, TransferState.DONE)
+    if h.state == TransferState.CANCELLED:
+        assert digest(cons.cache, [4, 5, 6]) == before
+        # Not read: the producer still holds the blocks, and a new pull succeeds.
+        h2 = cons.pull(prod.address, "x", [1, 2, 3], [4, 5, 6])
+        assert h2.wait(30) == TransferState.DONE, h2.error
+    assert digest(cons.cache, [4, 5, 6]) == prod.call("digest", [1, 2, 3])
+
+
+def test_cancel_before_handshake_is_immediate(backend, producers, consumers):
+    prod = producers(backend)
+    cons = consumers(backend)
+    prod.publish("y", [1])
+    h = cons.pull(prod.address, "y", [1], [2])
+    assert h.cancel() or h.state in (TransferState.TRANSFERRING, TransferState.DONE,
+                                     TransferState.HANDSHAKING)
+    assert h.wait(30).finished
+
+
+@pytest.mark.parametrize("field,cache_kw,expect", [
+    ("block_size", dict(block_size=64), "block_size: local 64, remote 32"),
+    ("dtype", dict(dtype="float32"),
+     "model_dtype: local float32, remote bfloat16; kv_cache_dtype: local float32, "
+     "remote bfloat16"),
+    ("model", dict(model="other"), "model: local other, remote test-model"),
+])
+def test_layout_mismatch_refused_before_transfer(backend, producers, consumers, field, cache_kw,
+                                                 expect):
+    prod = producers(backend)
+    cons = consumers(backend, **cache_kw)
+    prod.publish("m", [1, 2])
+    with pytest.raises(LayoutMismatchError) as err:
+        cons.handshake(prod.address)
+    assert expect in str(err.value)
+    h = cons.pull(prod.address, "m", [1, 2], [3, 4])
+    assert h.wait(30) == TransferState.FAILED
+    assert expect in h.error
+    # The producer named the same fields (its local is our remote) and served nothing.
+    m = prod.call("metrics")
+    assert any(field.split("_")[0] in r for r in m["refusals"]), m["refusals"]
+    assert m["pulls_served"] == 0
+    # Blocks are still held for a compatible consumer.
+    assert prod.call("poll") == []
+
+
+def test_unauthenticated_peer_is_refused(backend, producers, consumers):
+    prod = producers(backend, config_kw=dict(secret="s3cret"))
+    prod.publish("a", [1])
+    nosecret = consumers(backend)
+    nosecret.secret = None
+    with pytest.raises(TransferError, match="shared secret"):
+        nosecret.handshake(prod.address)
+    wrong = consumers(backend, config_kw=dict(secret="wrong"))
+    with pytest.raises(TransferError, match="authentication failed"):
+        wrong.handshake(prod.address)
+    right = consumers(backend, config_kw=dict(secret="s3cret"))
+    h = right.pull(prod.address, "a", [1], [1])
+    assert h.wait(30) == TransferState.DONE, h.error
+    assert prod.call("metrics")["refusals"] == ["authentication failed"]
+
+
+def test_secret_from_environment(backend, producers, consumers, monkeypatch):
+    prod = producers(backend, env={P.SECRET_ENV: "from-env"})
+    prod.publish("e", [2])
+    monkeypatch.setenv(P.SECRET_ENV, "from-env")
+    cons = consumers(backend)
+    assert cons.pull(prod.address, "e", [2], [2]).wait(30) == TransferState.DONE
+
+
+def test_unknown_request_id_is_a_clear_error(backend, producers, consumers):
+    prod = producers(backend)
+    cons = consumers(backend)
+    h = cons.pull(prod.address, "never-published", [1], [1])
+    assert h.wait(30) == TransferState.FAILED
+    assert "unknown request id 'never-published'" in h.error
+    # Blocks outside what was published are refused too.
+    prod.publish("p", [1, 2])
+    h = cons.pull(prod.address, "p", [1, 9], [1, 2])
+    assert h.wait(30) == TransferState.FAILED and "not published" in h.error
+    # The connection still serves.
+    h = cons.pull(prod.address, "p", [1, 2], [1, 2])
+    assert h.wait(30) == TransferState.DONE, h.error
+
+
+def test_producer_killed_mid_transfer_fails_fast_and_frees(backend, producers, consumers):
+    prod = producers(backend)
+    cons = consumers(backend, config_kw=dict(transfer_timeout_s=20))
+    prod.publish("k", list(range(32)))
+    cons.handshake(prod.address)
+    os.kill(prod.proc.pid, signal.SIGSTOP)  # the pull is sent but never granted
+    h = cons.pull(prod.address, "k", list(range(32)), list(range(32)))
+    deadline = time.monotonic() + 5
+    while h.state != TransferState.TRANSFERRING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert h.state == TransferState.TRANSFERRING
+    t0 = time.monotonic()
+    prod.kill()
+    assert h.wait(10) == TransferState.FAILED
+    assert time.monotonic() - t0 < 10
+    assert "closed" in h.error or "failed" in h.error
+    # Nothing held for the dead peer: its connection and in-flight list are gone.
+    assert not cons._peers
+    assert cons.metrics()["transfers_failed"] == 1
+
+
+def test_hung_producer_times_out(backend, producers, consumers):
+    prod = producers(backend)
+    cons = consumers(backend, config_kw=dict(transfer_timeout_s=1.5))
+    prod.publish("h", [1])
+    cons.handshake(prod.address)
+    os.kill(prod.proc.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    h = cons.pull(prod.address, "h", [1], [1])
+    assert h.wait(15) == TransferState.FAILED
+    assert 1.0 < time.monotonic() - t0 < 8
+    assert "no progress" in h.error
+    os.kill(prod.proc.pid, signal.SIGCONT)
+
+
+def test_dead_producer_before_handshake(backend, consumers):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there
+    cons = consumers(backend)
+    h = cons.pull(f"127.0.0.1:{port}", "r", [1], [1])
+    assert h.wait(10) == TransferState.FAILED and "refused" in h.error.lower()
+
+
+def test_lease_expires_when_nobody_pulls(backend, producers):
+    prod = producers(backend, config_kw=dict(lease_s=0.5))
+    prod.publish("lonely", [5, 6, 7])
+    prod.publish("short", [8], lease_s=0.2)
+    deadline = time.monotonic() + 5
+    released = []
+    while time.monotonic() < deadline and len(released) < 2:
+        released += prod.call("poll")
+        time.sleep(0.1)
+    assert sorted(released) == [("lonely", "expired"), ("short", "expired")]
+    assert prod.call("metrics")["held_requests"] == 0
+
+
+def test_release_frees_at_once_and_late_pull_is_refused(backend, producers, consumers):
+    prod = producers(backend)
+    cons = consumers(backend)
+    prod.publish("gone", [1, 2])
+    assert prod.call("release", "gone") is True  # e.g. the request was aborted
+    assert prod.call("poll") == [("gone", "released")]
+    # A late read is refused, never served from blocks that may be reused.
+    h = cons.pull(prod.address, "gone", [1, 2], [1, 2])
+    assert h.wait(30) == TransferState.FAILED and "unknown request id" in h.error
+    assert prod.call("release", "gone") is False
+
+
+def test_pull_refuses_bad_local_ids(backend, consumers):
+    cons = consumers(backend)
+    with pytest.raises(ValueError, match="out of range"):
+        cons.pull("127.0.0.1:1", "r", [1], [NUM_BLOCKS])
+    with pytest.raises(ValueError, match="2 remote block ids but 1 local"):
+        cons.pull("127.0.0.1:1", "r", [1, 2], [1])
