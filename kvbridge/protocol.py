@@ -110,6 +110,9 @@ class PullGrant(msgspec.Struct, tag=True):
 class PullError(msgspec.Struct, tag=True):
     xfer_id: int
     message: str
+    #: "not_published" (may still come: the consumer retries for a while),
+    #: "ended" (read, released or expired: never retry), "blocks" (bad ids)
+    code: str = ""
 
 
 class ReadDone(msgspec.Struct, tag=True):

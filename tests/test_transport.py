@@ -247,12 +247,25 @@ def test_secret_from_environment(backend, producers, consumers, monkeypatch):
     assert cons.pull(prod.address, "e", [2], [2]).wait(30) == TransferState.DONE
 
 
-def test_unknown_request_id_is_a_clear_error(backend, producers, consumers):
+def test_pull_waits_for_a_late_publish(backend, producers, consumers):
+    """The consumer may hear of a request before the producer's engine step
+    publishes it: the pull keeps asking for ``publish_wait_s``."""
     prod = producers(backend)
     cons = consumers(backend)
+    h = cons.pull(prod.address, "late", [1, 2], [5, 6])
+    time.sleep(0.5)
+    assert not h.done()
+    prod.publish("late", [1, 2])
+    assert h.wait(30) == TransferState.DONE, h.error
+    assert digest(cons.cache, [5, 6]) == prod.call("digest", [1, 2])
+
+
+def test_unknown_request_id_is_a_clear_error(backend, producers, consumers):
+    prod = producers(backend)
+    cons = consumers(backend, config_kw=dict(publish_wait_s=0.3))
     h = cons.pull(prod.address, "never-published", [1], [1])
     assert h.wait(30) == TransferState.FAILED
-    assert "unknown request id 'never-published'" in h.error
+    assert "unknown request id 'never-published': not published" in h.error
     # Blocks outside what was published are refused too.
     prod.publish("p", [1, 2])
     h = cons.pull(prod.address, "p", [1, 9], [1, 2])
@@ -327,8 +340,10 @@ def test_release_frees_at_once_and_late_pull_is_refused(backend, producers, cons
     assert prod.call("release", "gone") is True  # e.g. the request was aborted
     assert prod.call("poll") == [("gone", "released")]
     # A late read is refused, never served from blocks that may be reused.
+    t0 = time.monotonic()
     h = cons.pull(prod.address, "gone", [1, 2], [1, 2])
-    assert h.wait(30) == TransferState.FAILED and "unknown request id" in h.error
+    assert h.wait(30) == TransferState.FAILED and "already released" in h.error
+    assert time.monotonic() - t0 < 2, "a released request must fail at once, not be retried"
     assert prod.call("release", "gone") is False
 
 

@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -67,6 +67,10 @@ class TransportConfig(msgspec.Struct, kw_only=True):
         socket_buffer_bytes: SO_SNDBUF/SO_RCVBUF for data connections [4 MiB].
         max_inflight: pulls queued per peer connection before ``pull`` blocks
             [64].
+        publish_wait_s: how long a consumer keeps asking for a request the
+            producer has not published yet [10.0] - the consumer can learn of
+            a request (through the router) a moment before the producer's
+            engine step publishes it.
     """
 
     host: str = "127.0.0.1"
@@ -78,6 +82,7 @@ class TransportConfig(msgspec.Struct, kw_only=True):
     transfer_timeout_s: float = 30.0
     socket_buffer_bytes: int = 4 << 20
     max_inflight: int = 64
+    publish_wait_s: float = 10.0
 
 
 class TransferState(enum.Enum):
@@ -189,6 +194,15 @@ class _Lease:
     read: bool = False
 
 
+class UnknownRequestError(KeyError):
+    """A read of a request the producer does not hold; ``code`` says whether
+    it may still be published (``"not_published"``) or is gone (``"ended"``)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
 class LeaseTable:
     """Blocks a producer holds for consumers, and why each was let go.
 
@@ -201,6 +215,9 @@ class LeaseTable:
         self.lease_s = lease_s
         self._leases: dict[str, _Lease] = {}
         self._events: deque[tuple[str, str]] = deque()
+        #: recently ended requests -> reason, so a late read is told "gone",
+        #: not "not yet published" (bounded: the oldest are forgotten)
+        self._ended: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
     def publish(self, request_id: str, block_ids: Sequence[int], lease_s: float | None = None):
@@ -215,8 +232,13 @@ class LeaseTable:
         with self._lock:
             lease = self._leases.get(request_id)
             if lease is None:
-                raise KeyError(f"unknown request id {request_id!r} (never published, already "
-                               "read, released or expired)")
+                ended = self._ended.get(request_id)
+                if ended:
+                    raise UnknownRequestError(
+                        f"unknown request id {request_id!r}: its blocks were already {ended}",
+                        "ended")
+                raise UnknownRequestError(f"unknown request id {request_id!r}: not published "
+                                          "(yet?)", "not_published")
             allowed = set(lease.block_ids)
             stray = [b for b in block_ids if b not in allowed]
             if stray:
@@ -259,6 +281,10 @@ class LeaseTable:
     def _release_locked(self, request_id: str, reason: str) -> None:
         self._leases.pop(request_id, None)
         self._events.append((request_id, reason))
+        self._ended[request_id] = {"read": "read", "expired": "expired by lease",
+                                   "released": "released"}[reason]
+        while len(self._ended) > 8192:
+            self._ended.popitem(last=False)
 
     def poll(self) -> list[tuple[str, str]]:
         """(request_id, reason) released since the last poll."""
@@ -519,10 +545,14 @@ class Transport:
         try:
             ids = self.cache.validate(pull.block_ids)
             self.leases.begin_read(pull.request_id, ids)
-        except (KeyError, BlockIdError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) else str(e)
-            logger.warning("kvbridge: refusing pull %d: %s", pull.xfer_id, msg)
-            P.send_message(conn, P.PullError(pull.xfer_id, msg))
+        except UnknownRequestError as e:
+            if e.code != "not_published":
+                logger.warning("kvbridge: refusing pull %d: %s", pull.xfer_id, e.args[0])
+            P.send_message(conn, P.PullError(pull.xfer_id, e.args[0], e.code))
+            return
+        except BlockIdError as e:
+            logger.warning("kvbridge: refusing pull %d: %s", pull.xfer_id, e)
+            P.send_message(conn, P.PullError(pull.xfer_id, str(e), "blocks"))
             return
         self.stats.pulls_served += 1
         state.granted[pull.xfer_id] = pull.request_id
@@ -589,6 +619,21 @@ class Transport:
                                                  handle.remote_ids))
             except OSError as e:
                 self._close_peer(conn, f"send to producer {conn.address} failed: {e}")
+
+    def _resend(self, conn: PeerConnection, handle: TransferHandle) -> None:
+        with conn.send_lock:
+            if conn.closed:
+                pending = True
+            else:
+                pending = False
+                conn.inflight.append(handle)
+                try:
+                    P.send_message(conn.sock, P.Pull(handle.xfer_id, handle.request_id,
+                                                     handle.remote_ids))
+                except OSError:
+                    pass  # the reader sees the broken connection and fails it
+        if pending:
+            self._fail(handle, conn.error or "connection closed")
 
     def _ensure_connected(self, conn: PeerConnection) -> None:
         with conn.send_lock:
@@ -665,6 +710,15 @@ class Transport:
                 if isinstance(msg, (P.PullGrant, P.PullError)):
                     handle = self._pop_inflight(conn, msg.xfer_id)
                     if isinstance(msg, P.PullError):
+                        if (msg.code == "not_published" and not handle.cancel_requested
+                                and time.monotonic() - handle.created
+                                < self.config.publish_wait_s):
+                            # The producer's engine has not published it yet: ask again.
+                            threading.Timer(0.01, self._resend, (conn, handle)).start()
+                            continue
+                        if handle.cancel_requested:
+                            handle._advance(TransferState.CANCELLED, "cancelled")
+                            continue
                         self._fail(handle, f"producer refused the pull: {msg.message}")
                         continue
                     ok = self._receive_pull(conn, handle, msg)
