@@ -1,0 +1,76 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``kv_connector_extra_config`` of KVBridgeConnector, with its defaults.
+
+Example::
+
+    --kv-transfer-config '{"kv_connector": "KVBridgeConnector",
+                           "kv_role": "kv_producer",
+                           "kv_port": 14579,
+                           "kv_connector_extra_config": {"transport": "tcp"}}'
+
+=====================  ==============================================  ===========
+key                    meaning                                         default
+=====================  ==============================================  ===========
+``transport``          ``tcp``, ``cma`` (same host) or ``nixl``        ``tcp``
+``host``               address the producer's listener binds           127.0.0.1
+``advertise_host``     address consumers are told to dial              ``host``
+``port``               producer base port; rank r listens on port+r    ``kv_port``
+``lease_s``            producer holds unread blocks this long          120
+``secret``             HMAC shared secret (else $KVBRIDGE_SECRET)      none
+``transfer_timeout_s`` a pull with no progress this long fails         30
+``handshake_timeout_s`` connect + layout handshake deadline            5
+``publish_wait_s``     consumer waits this long for a late publish     10
+=====================  ==============================================  ===========
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvbridge.transport import TransportConfig, transport_class
+
+_KNOWN = {"transport", "host", "advertise_host", "port", "lease_s", "secret",
+          "transfer_timeout_s", "handshake_timeout_s", "publish_wait_s"}
+
+
+@dataclass
+class KVBridgeConfig:
+    role: str
+    transport: str
+    base_port: int
+    transport_config: TransportConfig
+
+    @property
+    def is_producer(self) -> bool:
+        return self.role in ("kv_producer", "kv_both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.role in ("kv_consumer", "kv_both")
+
+    @classmethod
+    def from_vllm(cls, vllm_config) -> KVBridgeConfig:
+        ktc = vllm_config.kv_transfer_config
+        if ktc is None:
+            raise ValueError("KVBridgeConnector needs --kv-transfer-config")
+        extra = dict(ktc.kv_connector_extra_config or {})
+        unknown = sorted(set(extra) - _KNOWN)
+        if unknown:
+            raise ValueError(f"unknown kv_connector_extra_config keys for KVBridgeConnector: "
+                             f"{unknown}; known: {sorted(_KNOWN)}")
+        role = ktc.kv_role or "kv_both"
+        if role not in ("kv_producer", "kv_consumer", "kv_both"):
+            raise ValueError(f"kv_role must be kv_producer, kv_consumer or kv_both, got {role!r}")
+        transport = str(extra.get("transport", "tcp"))
+        transport_class(transport)  # unknown names fail here, at start-up
+        tc = TransportConfig(
+            host=str(extra.get("host", "127.0.0.1")),
+            advertise_host=extra.get("advertise_host"),
+            secret=extra.get("secret"),
+            lease_s=float(extra.get("lease_s", 120.0)),
+            transfer_timeout_s=float(extra.get("transfer_timeout_s", 30.0)),
+            handshake_timeout_s=float(extra.get("handshake_timeout_s", 5.0)),
+            publish_wait_s=float(extra.get("publish_wait_s", 10.0)),
+        )
+        return cls(role=role, transport=transport, base_port=int(extra.get("port", ktc.kv_port)),
+                   transport_config=tc)
