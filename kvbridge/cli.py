@@ -5,6 +5,9 @@ Subcommands:
   tiny-model OUT_DIR     build the tiny local Llama (tokenizer + weights)
   info [--json]          which copy path is in use, what was built, versions
   bench blocks           gather/scatter benchmark against memcpy
+  bench transport        transports between two processes against baselines
+  proxy                  OpenAI-compatible router over prefill/decode pools
+  up                     the one-command prefill/decode demo
   demo-blocks            export blocks in one process, import them in another
 """
 
@@ -36,13 +39,29 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "blocks":
-        from kvbridge.bench import blocks
+def _cmd_bench_blocks(args: argparse.Namespace) -> int:
+    from kvbridge.bench import blocks
 
-        blocks.run(quick=args.quick, json_path=args.json)
-        return 0
-    raise SystemExit(f"unknown benchmark {args.what!r}")
+    blocks.run(quick=args.quick, json_path=args.json)
+    return 0
+
+
+def _cmd_bench_transport(args: argparse.Namespace) -> int:
+    from kvbridge.bench import transport
+
+    return transport.run(args)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from kvbridge import up
+
+    return up.main(args)
+
+
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    from kvbridge import proxy
+
+    return proxy.main(args)
 
 
 def _cmd_demo_blocks(args: argparse.Namespace) -> int:
@@ -66,10 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_info)
 
     b = sub.add_parser("bench", help="benchmarks (results go to benchmarks/results/)")
-    b.add_argument("what", choices=["blocks"])
-    b.add_argument("--quick", action="store_true", help="a subset that runs in under 30 s")
-    b.add_argument("--json", metavar="PATH", help="also write the results here")
-    b.set_defaults(func=_cmd_bench)
+    bsub = b.add_subparsers(dest="what", required=True)
+    bb = bsub.add_parser("blocks", help="gather/scatter vs memcpy")
+    bb.add_argument("--quick", action="store_true", help="a subset that runs in under 30 s")
+    bb.add_argument("--json", metavar="PATH", help="also write the results here")
+    bb.set_defaults(func=_cmd_bench_blocks)
+    bt = bsub.add_parser("transport", help="transports between two processes")
+    from kvbridge.bench import transport as bench_transport
+
+    bench_transport.add_arguments(bt)
+    bt.set_defaults(func=_cmd_bench_transport)
+
+    pr = sub.add_parser("proxy", help="OpenAI-compatible prefill/decode router")
+    from kvbridge import proxy as proxy_mod
+
+    proxy_mod.add_arguments(pr)
+    pr.set_defaults(func=_cmd_proxy)
+
+    u = sub.add_parser("up", help="start prefill + decode + router, run demo requests")
+    from kvbridge import up as up_mod
+
+    up_mod.add_arguments(u)
+    u.set_defaults(func=_cmd_up)
 
     d = sub.add_parser("demo-blocks", help="export blocks in one process, import in another")
     d.add_argument("--blocks", type=int, default=64)

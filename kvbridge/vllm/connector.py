@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 
@@ -86,6 +87,10 @@ class KVBridgeConnector(KVConnectorBase_V1):
         assert self.connector_scheduler is not None
         return self.connector_scheduler.request_finished(request, block_ids)
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        assert self.connector_scheduler is not None
+        self.connector_scheduler.update_connector_output(connector_output)
+
     def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
         assert self.connector_scheduler is not None
         self.connector_scheduler.set_xfer_handshake_metadata(metadata)
@@ -122,6 +127,10 @@ class KVBridgeConnector(KVConnectorBase_V1):
                                                                 set[str] | None]:
         assert self.connector_worker is not None
         return self.connector_worker.get_finished()
+
+    def build_connector_worker_meta(self):
+        assert self.connector_worker is not None
+        return self.connector_worker.build_worker_meta()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self.connector_worker is not None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
 )
 
 
@@ -50,3 +51,22 @@ class KVBridgeHandshakeMetadata(KVConnectorHandshakeMetadata):
     address: str | None
     layout_fingerprint: str
     layout: dict
+
+
+@dataclass
+class KVBridgeWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, per step: what each finished pull moved, so the
+    decode response can carry per-request KV figures.
+
+    ``transfers``: request id -> (bytes, seconds, blocks); across TP ranks bytes
+    and blocks add up and the slowest rank's time counts.
+    """
+
+    transfers: dict[str, tuple[int, float, int]] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, KVBridgeWorkerMetadata)
+        for rid, (b, s, n) in other.transfers.items():
+            ob, os_, on = self.transfers.get(rid, (0, 0.0, 0))
+            self.transfers[rid] = (ob + b, max(os_, s), on + n)
+        return self

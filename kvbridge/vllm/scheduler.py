@@ -50,12 +50,17 @@ class KVBridgeScheduler:
         self.layout_fingerprint: str | None = None
         self._reqs_to_recv: dict[str, RecvSpec] = {}
         self._reqs_to_send: dict[str, SendSpec] = {}
+        self.layout: dict | None = None
+        #: consumer: what each finished pull moved (from the workers), reported
+        #: back in the decode response's kv_transfer_params
+        self._transfer_figures: dict[str, tuple[int, float, int]] = {}
 
     # -- handshake metadata from the workers --
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVBridgeHandshakeMetadata]):
         ranks = sorted(metadata)
         self.addresses = [metadata[r].address for r in ranks if metadata[r].address]
         self.layout_fingerprint = metadata[ranks[0]].layout_fingerprint if ranks else None
+        self.layout = metadata[ranks[0]].layout if ranks else None
         logger.info("KVBridgeConnector: role %s, transport %s, producer addresses %s, "
                     "layout %s", self.config.role, self.config.transport, self.addresses,
                     self.layout_fingerprint)
@@ -103,6 +108,17 @@ class KVBridgeScheduler:
         # One transfer per request.
         params["do_remote_prefill"] = False
 
+    def update_connector_output(self, connector_output) -> None:
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if meta is not None and hasattr(meta, "transfers"):
+            self._transfer_figures.update(meta.transfers)
+
+    def describe(self) -> dict[str, Any]:
+        """What a router's pre-check needs (returned for ``kvbridge_describe``)."""
+        return {"kvbridge": PROTOCOL_VERSION, "kv_role": self.config.role,
+                "transport": self.config.transport, "layout_fingerprint": self.layout_fingerprint,
+                "layout": self.layout, "addresses": self.addresses}
+
     # -- both --
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVBridgeConnectorMetadata:
         meta = KVBridgeConnectorMetadata(reqs_to_recv=self._reqs_to_recv,
@@ -118,6 +134,14 @@ class KVBridgeScheduler:
         params = request.kv_transfer_params
         if not params:
             return False, None
+        if params.get("kvbridge_describe"):
+            # A router asking what this instance is (layout pre-check).
+            return False, {"kvbridge_describe": self.describe()}
+        figures = self._transfer_figures.pop(request.request_id, None)
+        if figures is not None:
+            nbytes, seconds, blocks = figures
+            return False, {"kvbridge_kv_bytes": nbytes, "kvbridge_kv_blocks": blocks,
+                           "kvbridge_transfer_ms": round(seconds * 1e3, 3)}
         if params.get("do_remote_prefill") and is_kvbridge_params(params):
             # A consumer request aborted before its blocks were allocated: still
             # tell the producer (an empty pull) so it frees its blocks now.

@@ -20,10 +20,15 @@ from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
 
+from kvbridge.agent import KVAgent
 from kvbridge.blocks import PagedKVCache
-from kvbridge.transport import TransferHandle, TransferState, create_transport
+from kvbridge.transport import TransferHandle, TransferState
 from kvbridge.vllm.config import KVBridgeConfig
-from kvbridge.vllm.metadata import KVBridgeConnectorMetadata, KVBridgeHandshakeMetadata
+from kvbridge.vllm.metadata import (
+    KVBridgeConnectorMetadata,
+    KVBridgeHandshakeMetadata,
+    KVBridgeWorkerMetadata,
+)
 from kvbridge.vllm.stats import KVBridgeKVConnectorStats
 from kvbridge.vllm_layout import layout_from_vllm, ordered_kv_tensors
 
@@ -39,7 +44,7 @@ class KVBridgeWorker:
         self.vllm_config = vllm_config
         self.config = KVBridgeConfig.from_vllm(vllm_config)
         self.engine_id = engine_id
-        self.transport = None
+        self.agent: KVAgent | None = None
         self.cache: PagedKVCache | None = None
         self._recving: dict[str, tuple[TransferHandle, list[int]]] = {}
         self._load_errors: set[int] = set()
@@ -47,6 +52,7 @@ class KVBridgeWorker:
         #: requests whose publish failed: reported sent at once so vLLM frees them
         self._unpublishable: set[str] = set()
         self._stats = KVBridgeKVConnectorStats()
+        self._finished_transfers: dict[str, tuple[int, float, int]] = {}
         self._tp_rank = 0
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -62,9 +68,9 @@ class KVBridgeWorker:
         self.cache = PagedKVCache(layout, ordered_kv_tensors(kv_caches))
         tc = self.config.transport_config
         tc.port = self.config.base_port + self._tp_rank if self.config.is_producer else 0
-        self.transport = create_transport(self.config.transport, self.cache, tc,
-                                          agent_name=f"{self.engine_id}-tp{self._tp_rank}")
-        address = self.transport.serve() if self.config.is_producer else None
+        self.agent = KVAgent(self.cache, transport=self.config.transport, config=tc,
+                             name=f"{self.engine_id}-tp{self._tp_rank}")
+        address = self.agent.serve() if self.config.is_producer else None
         logger.info("KVBridgeConnector worker: %s transport, layout %s (%s), %d blocks x %d B "
                     "x %d regions%s", self.config.transport, layout.fingerprint(),
                     layout.memory_layout, self.cache.num_blocks, layout.block_bytes,
@@ -73,15 +79,15 @@ class KVBridgeWorker:
     def handshake_metadata(self) -> KVBridgeHandshakeMetadata | None:
         if self.cache is None:
             return None
-        address = self.transport.address if self.config.is_producer else None
+        address = self.agent.address if self.config.is_producer else None
         return KVBridgeHandshakeMetadata(address, self.cache.layout.fingerprint(),
                                          self.cache.layout.to_dict())
 
     def start_load_kv(self, meta: KVBridgeConnectorMetadata) -> None:
-        assert self.transport is not None
+        assert self.agent is not None
         for req_id, spec in meta.reqs_to_send.items():
             try:
-                self.transport.publish(req_id, spec.block_ids, num_tokens=spec.num_tokens)
+                self.agent.publish(req_id, spec.block_ids, num_tokens=spec.num_tokens)
                 self._published.add(req_id)
                 self._stats.bump("num_published")
             except Exception as e:  # noqa: BLE001 - never strand the blocks
@@ -95,12 +101,13 @@ class KVBridgeWorker:
                 self._load_errors.update(spec.local_block_ids)
                 self._recving[req_id] = (None, spec.local_block_ids)
                 continue
-            handle = self.transport.pull(spec.addresses[self._tp_rank], spec.remote_request_id,
-                                         spec.remote_block_ids, spec.local_block_ids)
+            handle = self.agent.pull_blocks(spec.addresses[self._tp_rank],
+                                            spec.remote_request_id, spec.remote_block_ids,
+                                            spec.local_block_ids)
             self._recving[req_id] = (handle, spec.local_block_ids)
 
     def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
-        assert self.transport is not None
+        assert self.agent is not None
         done_recving: set[str] = set()
         for req_id, (handle, local_ids) in list(self._recving.items()):
             if handle is not None and not handle.done():
@@ -112,6 +119,8 @@ class KVBridgeWorker:
                 continue
             if handle.state == TransferState.DONE:
                 self._stats.record_transfer(handle.nbytes, handle.duration_s or 0.0)
+                self._finished_transfers[req_id] = (handle.nbytes, handle.duration_s or 0.0,
+                                                    len(local_ids))
             else:
                 self._stats.record_failure()
                 self._load_errors.update(local_ids)
@@ -120,7 +129,7 @@ class KVBridgeWorker:
                              len(local_ids))
         done_sending: set[str] = set(self._unpublishable)
         self._unpublishable.clear()
-        for req_id, reason in self.transport.poll_released():
+        for req_id, reason in self.agent.poll_released():
             if req_id not in self._published:
                 continue
             self._published.discard(req_id)
@@ -128,6 +137,13 @@ class KVBridgeWorker:
             if reason == "expired":
                 self._stats.bump("num_expired_leases")
         return done_sending or None, done_recving or None
+
+    def build_worker_meta(self) -> KVBridgeWorkerMetadata | None:
+        if not self._finished_transfers:
+            return None
+        meta = KVBridgeWorkerMetadata(self._finished_transfers)
+        self._finished_transfers = {}
+        return meta
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -141,8 +157,8 @@ class KVBridgeWorker:
         return out
 
     def shutdown(self) -> None:
-        if self.transport is not None:
+        if self.agent is not None:
             t0 = time.monotonic()
-            self.transport.close()
+            self.agent.close()
             logger.info("KVBridgeConnector worker shut down in %.1f ms",
                         1e3 * (time.monotonic() - t0))

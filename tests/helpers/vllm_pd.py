@@ -98,7 +98,7 @@ def main() -> None:
             from vllm.distributed.kv_transfer import get_kv_transfer_group
 
             worker = get_kv_transfer_group().connector_worker
-            reply({"metrics": worker.transport.metrics(),
+            reply({"metrics": worker.agent.metrics(),
                    "layout": worker.cache.layout.to_dict()})
         elif cmd == "free_blocks":
             reply({"free": free_blocks(llm)})

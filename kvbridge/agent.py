@@ -1,0 +1,140 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The engine API: kvbridge for any engine, not only vLLM.
+
+An engine with a paged KV cache describes it (per-layer tensors plus a
+``KVLayout`` built from plain numbers), creates a ``KVAgent`` with a transport,
+and then
+
+* as a **producer** (the prefill side): ``serve()``, ``publish(request_id,
+  block_ids)`` -> a ``KVTicket`` to hand to the consumer (over any channel),
+  ``poll_released()`` to learn which requests' blocks it may free, and
+  ``release(request_id)`` on abort;
+* as a **consumer** (the decode side): ``pull(ticket, local_block_ids)`` (or
+  ``pull_blocks(peer, request_id, remote_ids, local_ids)``) -> a
+  ``TransferHandle`` to poll, wait on or ``await``.
+
+``KVAgent`` is the only entry point: vLLM's ``KVBridgeConnector`` uses it too,
+so handshake, layout checks, leases and transfers exist once. See
+``docs/custom-engine.md`` and ``examples/custom_engine/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from kvbridge.blocks import PagedKVCache
+from kvbridge.layout import KVLayout
+from kvbridge.transport import TransferHandle, Transport, TransportConfig, create_transport
+
+if TYPE_CHECKING:
+    import torch
+
+
+class KVTicket(msgspec.Struct, frozen=True):
+    """What a consumer needs to pull one request's blocks from a producer.
+
+    Serializable (``to_json``/``from_json``) so an engine can pass it through
+    a pipe, an HTTP response or a queue.
+    """
+
+    address: str
+    request_id: str
+    block_ids: list[int]
+    num_tokens: int | None
+    layout_fingerprint: str
+    transport: str
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> KVTicket:
+        return msgspec.json.decode(data, type=cls)
+
+
+class KVAgent:
+    """One engine's endpoint for KV transfer.
+
+    Args:
+        kv_cache: the engine's ``PagedKVCache``, or a list of per-layer tensors
+            together with ``layout``.
+        layout: required when ``kv_cache`` is a list of tensors.
+        transport: ``"tcp"`` (default), ``"cma"`` (same host) or ``"nixl"``.
+        config: transport tunables (``TransportConfig``; defaults documented
+            there).
+        name: agent name for logs and NIXL.
+    """
+
+    def __init__(self, kv_cache: PagedKVCache | Sequence[torch.Tensor],
+                 layout: KVLayout | None = None, *, transport: str = "tcp",
+                 config: TransportConfig | None = None, name: str | None = None):
+        if not isinstance(kv_cache, PagedKVCache):
+            if layout is None:
+                raise ValueError("pass a KVLayout with plain tensors")
+            kv_cache = PagedKVCache(layout, list(kv_cache))
+        self.cache = kv_cache
+        self.layout = kv_cache.layout
+        self.transport: Transport = create_transport(transport, kv_cache, config,
+                                                     agent_name=name)
+
+    # ------------------------------------------------------------------ producer
+    def serve(self) -> str:
+        """Start listening for consumers; returns ``host:port``."""
+        return self.transport.serve()
+
+    @property
+    def address(self) -> str:
+        return self.transport.address
+
+    def publish(self, request_id: str, block_ids: Sequence[int], *,
+                num_tokens: int | None = None, lease_s: float | None = None) -> KVTicket:
+        """Hold ``block_ids`` of ``request_id`` until a consumer reads them, the
+        lease ends, or ``release``; returns the ticket to hand to the consumer."""
+        self.transport.publish(request_id, block_ids, num_tokens=num_tokens, lease_s=lease_s)
+        return KVTicket(self.transport.address, request_id, [int(b) for b in block_ids],
+                        num_tokens, self.layout.fingerprint(), self.transport.name)
+
+    def release(self, request_id: str) -> bool:
+        """Let go of a published request now (e.g. it was aborted)."""
+        return self.transport.release(request_id)
+
+    def poll_released(self) -> list[tuple[str, str]]:
+        """``(request_id, reason)`` whose blocks may be freed; reason is
+        ``"read"``, ``"expired"`` or ``"released"``."""
+        return self.transport.poll_released()
+
+    # ------------------------------------------------------------------ consumer
+    def pull(self, ticket: KVTicket, local_block_ids: Sequence[int]) -> TransferHandle:
+        """Pull every block of ``ticket`` into ``local_block_ids`` (same count)."""
+        if ticket.transport != self.transport.name:
+            raise ValueError(f"ticket is for transport {ticket.transport!r}, this agent uses "
+                             f"{self.transport.name!r}")
+        return self.transport.pull(ticket.address, ticket.request_id, ticket.block_ids,
+                                   local_block_ids)
+
+    def pull_blocks(self, peer: str, request_id: str, remote_block_ids: Sequence[int],
+                    local_block_ids: Sequence[int]) -> TransferHandle:
+        """Pull some blocks of a published request (e.g. only the ones a local
+        prefix cache lacks)."""
+        return self.transport.pull(peer, request_id, remote_block_ids, local_block_ids)
+
+    def handshake(self, peer: str) -> KVLayout:
+        """Check layouts with ``peer`` now; raises ``LayoutMismatchError``."""
+        return self.transport.handshake(peer)
+
+    # ------------------------------------------------------------------ both
+    def metrics(self) -> dict:
+        """Transfers, bytes, GB/s, failures by kind, handshakes, held requests."""
+        return self.transport.metrics()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> KVAgent:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

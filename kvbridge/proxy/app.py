@@ -1,0 +1,396 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``kvbridge proxy``: one OpenAI-compatible endpoint over prefill and decode pools.
+
+Per request: pick a prefill instance (least outstanding requests), send it the
+request with ``max_tokens=1`` and ``kv_transfer_params={"do_remote_decode":
+true}`` (vLLM's proxy contract), then send the original request with the
+prefill response's ``kv_transfer_params`` - unchanged - to a decode instance
+and stream its answer back token by token.
+
+Beyond a plain P/D router: when no prefill instance is usable the decode
+instance answers alone (colocated fallback, logged and counted); a decode
+instance dying mid-stream yields a well-formed SSE error event (never a
+truncated stream that ends like a complete one); instances whose KV layouts
+differ are never paired; each response carries per-request KV figures in
+``X-KVBridge-*`` headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kvbridge.proxy.backends import PICKERS, Backend, BackendPool
+from kvbridge.proxy.metrics import ProxyMetrics
+
+logger = logging.getLogger("kvbridge.proxy")
+
+#: Fields vLLM's toy proxy sets on the prefill request (NixlConnector's
+#: contract); KVBridgeConnector reads ``do_remote_decode``.
+PREFILL_KV_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False,
+                     "remote_engine_id": None, "remote_block_ids": None, "remote_host": None,
+                     "remote_port": None}
+#: Upper bound on max_tokens when no backend reports max_model_len.
+DEFAULT_MAX_TOKENS_LIMIT = 1 << 20
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = (status, message, param,
+                                                                       code, type_)
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.code)
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    """OpenAI's error body."""
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param,
+                                   "code": code if code is not None else status}},
+                        status_code=status)
+
+
+def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-outstanding",
+               health_interval_s: float = 2.0, startup_wait_s: float = 0.0,
+               request_timeout_s: float = 600.0) -> FastAPI:
+    metrics = ProxyMetrics()
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=5.0),
+                                   limits=httpx.Limits(max_connections=1024,
+                                                       max_keepalive_connections=256))
+        pool = BackendPool(prefill, decode, client, picker=PICKERS[policy](),
+                           health_interval_s=health_interval_s)
+        pool.on_change = metrics.backend_changed
+        state.update(client=client, pool=pool)
+        try:
+            await pool.start(wait_s=startup_wait_s)
+            for b in pool.all:
+                metrics.backend_changed(b)
+            logger.info("kvbridge proxy: %d prefill, %d decode backends: %s", len(pool.prefill),
+                        len(pool.decode), [b.as_dict() for b in pool.all])
+            yield
+        finally:
+            await pool.stop()
+            await client.aclose()
+
+    app = FastAPI(title="kvbridge proxy", lifespan=lifespan)
+    app.state.metrics = metrics
+    app.state.proxy = state
+
+    # ------------------------------------------------------------------ info
+    @app.get("/health")
+    async def health() -> Response:
+        pool: BackendPool = state["pool"]
+        ok = any(b.usable for b in pool.decode)
+        return JSONResponse({"status": "ok" if ok else "unavailable",
+                             "backends": [b.as_dict() for b in pool.all]},
+                            status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        pool: BackendPool = state["pool"]
+        for b in pool.decode + pool.prefill:
+            if not b.healthy:
+                continue
+            try:
+                r = await state["client"].get(b.url + "/v1/models", timeout=5.0)
+                return Response(r.content, status_code=r.status_code,
+                                media_type="application/json")
+            except httpx.HTTPError:
+                continue
+        return error_response(503, "no backend is available", "service_unavailable")
+
+    @app.get("/metrics")
+    async def prom() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    # ------------------------------------------------------------------ inference
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(request, "/v1/completions", "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await handle(request, "/v1/chat/completions", "chat")
+
+    async def handle(request: Request, path: str, kind: str) -> Response:
+        t_arrival = time.perf_counter()
+        pool: BackendPool = state["pool"]
+        client: httpx.AsyncClient = state["client"]
+        try:
+            body = await parse_body(request, kind, pool)
+        except ClientError as e:
+            metrics.request_done(kind, e.status)
+            metrics.failure("bad_request")
+            return e.response()
+        request_id = request.headers.get("x-request-id") or f"kvb-{uuid.uuid4().hex}"
+        headers = {"X-Request-Id": request_id}
+        if auth := request.headers.get("authorization"):
+            headers["Authorization"] = auth
+        figures: dict = {"X-Request-Id": request_id}
+        stream = bool(body.get("stream"))
+
+        # -- prefill ------------------------------------------------------
+        kv_params = None
+        mode = "disaggregated"
+        tried: set[str] = set()
+        while True:
+            prefill = pool.pick("prefill")
+            if prefill is None or prefill.url in tried:
+                mode = "fallback"
+                metrics.fallback()
+                logger.warning("kvbridge proxy: no prefill instance usable; request %s goes to "
+                               "a decode instance colocated", request_id)
+                break
+            tried.add(prefill.url)
+            try:
+                kv_params, prefill_s = await run_prefill(request, client, prefill, path, body,
+                                                         headers)
+                figures["X-KVBridge-Prefill-Ms"] = f"{prefill_s * 1e3:.2f}"
+                figures["X-KVBridge-Prefill-Backend"] = prefill.url
+                metrics.prefill_latency(prefill_s)
+                break
+            except ClientDisconnected:
+                metrics.request_done(kind, 499)
+                metrics.failure("client_disconnected")
+                return Response(status_code=499)
+            except ClientError as e:  # the backend refused the request itself
+                metrics.request_done(kind, e.status)
+                return e.response()
+            except (httpx.HTTPError, BackendError) as e:
+                metrics.failure("prefill_error")
+                logger.warning("kvbridge proxy: prefill at %s failed for %s: %s", prefill.url,
+                               request_id, e)
+                prefill.healthy = False
+                prefill.last_error = str(e)
+                metrics.backend_changed(prefill)
+        figures["X-KVBridge-Mode"] = mode
+        if kv_params:
+            nbytes = estimate_kv_bytes(kv_params, pool)
+            if nbytes is not None:
+                figures["X-KVBridge-KV-Bytes"] = str(nbytes)
+                metrics.kv_bytes(nbytes)
+
+        # -- decode -------------------------------------------------------
+        decode = pool.pick("decode")
+        if decode is None:
+            metrics.request_done(kind, 503)
+            metrics.failure("no_decode")
+            return error_response(503, "no decode instance is available", "service_unavailable")
+        figures["X-KVBridge-Decode-Backend"] = decode.url
+        d_body = dict(body)
+        if kv_params is not None:
+            d_body["kv_transfer_params"] = kv_params
+        overhead = time.perf_counter() - t_arrival - float(
+            figures.get("X-KVBridge-Prefill-Ms", 0)) / 1e3
+        metrics.overhead(overhead)
+        if stream:
+            return StreamingResponse(
+                stream_decode(client, decode, path, d_body, headers, kind, t_arrival),
+                media_type="text/event-stream", headers=figures)
+        return await complete_decode(request, client, decode, path, d_body, headers, kind,
+                                     figures, t_arrival)
+
+    async def run_prefill(request: Request, client, prefill: Backend, path: str, body: dict,
+                          headers: dict):
+        p_body = dict(body, max_tokens=1, stream=False, kv_transfer_params=dict(PREFILL_KV_PARAMS))
+        if "max_completion_tokens" in p_body:
+            p_body["max_completion_tokens"] = 1
+        for key in ("stream_options", "min_tokens"):
+            p_body.pop(key, None)
+        prefill.outstanding += 1
+        t0 = time.perf_counter()
+        try:
+            task = asyncio.ensure_future(client.post(prefill.url + path, json=p_body,
+                                                     headers=headers))
+            # Abort the prefill (by closing its connection) if the client leaves.
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=0.05)
+                if not done and await request.is_disconnected():
+                    task.cancel()
+                    raise ClientDisconnected()
+            r = task.result()
+        finally:
+            prefill.outstanding -= 1
+        prefill.served += 1
+        if 400 <= r.status_code < 500:
+            raise ClientError(r.status_code, _error_message(r), type_="invalid_request_error")
+        if r.status_code != 200:
+            raise BackendError(f"HTTP {r.status_code}: {_error_message(r)}")
+        return r.json().get("kv_transfer_params"), time.perf_counter() - t0
+
+    async def complete_decode(request, client, decode: Backend, path, d_body, headers, kind,
+                              figures, t_arrival) -> Response:
+        decode.outstanding += 1
+        t0 = time.perf_counter()
+        try:
+            task = asyncio.ensure_future(client.post(decode.url + path, json=d_body,
+                                                     headers=headers))
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=0.05)
+                if not done and await request.is_disconnected():
+                    task.cancel()
+                    metrics.request_done(kind, 499)
+                    metrics.failure("client_disconnected")
+                    return Response(status_code=499)
+            r = task.result()
+        except httpx.HTTPError as e:
+            metrics.failure("decode_error")
+            metrics.request_done(kind, 502)
+            decode.healthy = False
+            return error_response(502, f"decode instance {decode.url} failed: {e}",
+                                  "decode_failed")
+        finally:
+            decode.outstanding -= 1
+        decode.served += 1
+        elapsed = time.perf_counter() - t0
+        metrics.decode_latency(elapsed)
+        metrics.ttft(time.perf_counter() - t_arrival)
+        if r.status_code == 200:
+            try:
+                kvp = r.json().get("kv_transfer_params") or {}
+            except ValueError:
+                kvp = {}
+            if "kvbridge_transfer_ms" in kvp:
+                figures["X-KVBridge-Transfer-Ms"] = str(kvp["kvbridge_transfer_ms"])
+                figures["X-KVBridge-KV-Bytes"] = str(kvp["kvbridge_kv_bytes"])
+        else:
+            metrics.failure("decode_status")
+        metrics.request_done(kind, r.status_code)
+        out_headers = {k: v for k, v in figures.items()}
+        return Response(r.content, status_code=r.status_code, headers=out_headers,
+                        media_type=r.headers.get("content-type", "application/json"))
+
+    async def stream_decode(client, decode: Backend, path, d_body, headers, kind, t_arrival):
+        decode.outstanding += 1
+        t_last = None
+        status = 200
+        done_seen = False
+        try:
+            async with client.stream("POST", decode.url + path, json=d_body,
+                                     headers=headers) as r:
+                if r.status_code != 200:
+                    status = r.status_code
+                    body = (await r.aread()).decode(errors="replace")
+                    metrics.failure("decode_status")
+                    yield sse_error(f"decode instance answered HTTP {r.status_code}: {body}",
+                                    "decode_failed", r.status_code)
+                    return
+                async for line in r.aiter_lines():
+                    if not line:
+                        continue
+                    now = time.perf_counter()
+                    if line.startswith("data:"):
+                        if t_last is None:
+                            metrics.ttft(now - t_arrival)
+                        else:
+                            metrics.itl(now - t_last)
+                        t_last = now
+                        if line.strip() == "data: [DONE]":
+                            done_seen = True
+                    yield line + "\n\n"
+            if not done_seen:
+                status = 502
+                metrics.failure("decode_truncated")
+                yield sse_error("decode instance closed the stream before it finished",
+                                "decode_failed", 502)
+        except httpx.HTTPError as e:
+            status = 502
+            metrics.failure("decode_died")
+            decode.healthy = False
+            logger.error("kvbridge proxy: decode %s failed mid-stream: %s", decode.url, e)
+            yield sse_error(f"decode instance {decode.url} failed mid-stream: "
+                            f"{type(e).__name__}: {e}", "decode_failed", 502)
+        finally:
+            decode.outstanding -= 1
+            decode.served += 1
+            metrics.decode_latency(time.perf_counter() - t_arrival)
+            metrics.request_done(kind, status)
+
+    return app
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class BackendError(Exception):
+    pass
+
+
+def sse_error(message: str, type_: str, code: int) -> str:
+    return "data: " + json.dumps({"error": {"message": message, "type": type_, "param": None,
+                                            "code": code}}) + "\n\n"
+
+
+def _error_message(r: httpx.Response) -> str:
+    try:
+        err = r.json().get("error")
+        if isinstance(err, dict):
+            return err.get("message") or r.text
+        return str(err or r.text)
+    except ValueError:
+        return r.text[:500]
+
+
+def estimate_kv_bytes(kv_params: dict, pool: BackendPool) -> int | None:
+    """Bytes the decode instance will pull: blocks x bytes per block (all layers)."""
+    ids = kv_params.get("remote_block_ids")
+    if not ids:
+        return None
+    if ids and isinstance(ids[0], list):  # per KV-cache group
+        ids = [b for group in ids for b in group]
+    layout = next((b.layout for b in pool.prefill if b.layout is not None), None)
+    if layout is None:
+        return None
+    return len(ids) * layout.bytes_per_block_all_layers
+
+
+async def parse_body(request: Request, kind: str, pool: BackendPool) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ClientError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ClientError(400, "request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ClientError(400, "missing required field 'model'", "model")
+    known = pool.models()
+    if known and model not in known:
+        raise ClientError(404, f"The model `{model}` does not exist.", "model",
+                          "model_not_found")
+    if kind == "chat":
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise ClientError(400, "'messages' must be a non-empty list", "messages")
+    else:
+        prompt = body.get("prompt")
+        if prompt is None or prompt == "" or prompt == []:
+            raise ClientError(400, "missing required field 'prompt'", "prompt")
+    limit = pool.max_model_len() or DEFAULT_MAX_TOKENS_LIMIT
+    for key in ("max_tokens", "max_completion_tokens"):
+        if key in body and body[key] is not None:
+            v = body[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ClientError(400, f"'{key}' must be a positive integer, got {v!r}", key)
+            if v > limit:
+                raise ClientError(400, f"'{key}' is {v}, more than the model's maximum "
+                                       f"context length {limit}", key)
+    return body
