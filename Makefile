@@ -12,8 +12,10 @@ export UCX_NET_DEVICES ?= lo
 setup:
 	@bash scripts/setup-env.sh
 
+# The main job: prefill + decode vLLM servers with KVBridgeConnector behind
+# kvbridge proxy, a few chat/completion requests, clean shutdown.
 demo: setup
-	$(BIN)/kvbridge demo-blocks
+	$(BIN)/kvbridge up $(UP_ARGS)
 
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
 test: setup

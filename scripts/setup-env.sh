@@ -37,7 +37,9 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
     "${PIP[@]}" --no-deps nixl==1.5.1 nixl-cu12==1.5.1
     log "kvbridge's own dependencies and test tools"
     "${PIP[@]}" torch==2.13.0 "msgspec>=0.18" numpy tokenizers transformers safetensors \
-        fastapi uvicorn httpx pytest pytest-timeout hypothesis
+        fastapi uvicorn httpx pytest pytest-timeout hypothesis matplotlib
+    log "vllm-router 0.1.17 (the ecosystem's Rust P/D router, for compatibility tests)"
+    "${PIP[@]}" vllm-router==0.1.17 torch==2.13.0
     echo "$WANT" > "$STAMP"
 fi
 

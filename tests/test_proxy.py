@@ -310,3 +310,63 @@ def test_decode_killed_mid_stream_gets_error_event(servers, tiny_model_dir, tmp_
         px.stop()
     finally:
         stop_all([d2])
+
+
+class VllmRouter:
+    """The real ``vllm-router`` package in P/D mode, as production users run it."""
+
+    def __init__(self, prefill: str, decode: str, log_dir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = str(Path(sys.executable).parent / "vllm-router")
+        self.log_path = log_dir / f"vllm-router-{self.port}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [exe, "--vllm-pd-disaggregation", "--host", "127.0.0.1", "--port", str(self.port),
+             "--prefill", prefill, "--decode", decode, "--kv-connector", "nixl"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.log_path.read_text())
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(self.log_path.read_text())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def test_behind_vllm_router_streaming_chat(servers):
+    p, d, logs = servers
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True}
+    want = text_of(colocated(d, "/v1/chat/completions", body))
+    router = VllmRouter(p.url, d.url, logs)
+    try:
+        before = decode_sources(d)
+        lines = []
+        with httpx.stream("POST", router.url + "/v1/chat/completions",
+                          json=dict(body, stream=True), timeout=120) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line]
+        events = sse_events(lines)
+        assert events[-1] == "[DONE]"
+        assert stream_text(events) == want
+        assert len([e for e in events if e != "[DONE]" and e.get("choices")]) >= 12
+        after = decode_sources(d)
+        assert after.get("local_compute", 0) == before.get("local_compute", 0)
+        assert after["external_kv_transfer"] > before.get("external_kv_transfer", 0)
+    finally:
+        router.stop()

@@ -572,9 +572,14 @@ class Transport:
         handle = TransferHandle(xfer_id, peer, request_id, remote, local,
                                 self.cache.staging_bytes(len(local)))
         handle._cancel_cb = self._on_cancel
-        self._peer(peer).inflight  # create lazily
-        threading.Thread(target=self._submit, args=(handle,), daemon=True,
-                         name=f"{self.name}-pull-{xfer_id}").start()
+        conn = self._peer(peer)
+        if conn.ready.is_set() and not conn.closed:
+            # Connected already: sending the small Pull inline costs less than a
+            # thread hop (the reply arrives on the peer's reader thread).
+            self._submit(handle)
+        else:
+            threading.Thread(target=self._submit, args=(handle,), daemon=True,
+                             name=f"{self.name}-pull-{xfer_id}").start()
         return handle
 
     def handshake(self, peer: str, timeout: float | None = None) -> KVLayout:
