@@ -249,9 +249,10 @@ def print_results(results: list[dict]) -> None:
               f"{r['completion_tokens']} tokens")
         print(f"    answer: {r['text']!r}")
         kv = "-" if not r["kv_bytes"] else f"{int(r['kv_bytes']) / 1024:.0f} KiB"
-        print(f"    TTFT {f(r['ttft_ms'])} ms | ITL {f(r['itl_ms'], '{:.2f}')} ms | "
-              f"KV moved {kv} | transfer {f(r['transfer_ms'], '{:.2f}')} ms | "
-              f"mode {r['mode'] or 'disaggregated'} | total {f(r['total_ms'])} ms")
+        timing = (f"TTFT {f(r['ttft_ms'])} ms | ITL {f(r['itl_ms'], '{:.2f}')} ms"
+                  if "stream" in r["request"] else f"latency {f(r['total_ms'])} ms (whole answer)")
+        print(f"    {timing} | KV moved {kv} | transfer {f(r['transfer_ms'], '{:.2f}')} ms | "
+              f"mode {r['mode'] or 'disaggregated'}")
 
 
 def main(args: argparse.Namespace) -> int:
