@@ -587,8 +587,8 @@ class Transport:
         returns the remote layout or raises (``LayoutMismatchError``, ...)."""
         conn = self._peer(peer)
         self._ensure_connected(conn)
-        if conn.error:
-            raise TransferError(conn.error) if not conn.remote_layout else TransferError(conn.error)
+        if conn.error or conn.remote_layout is None:
+            raise TransferError(conn.error or f"no connection to {peer}")
         return conn.remote_layout
 
     def _peer(self, address: str) -> PeerConnection:
@@ -647,18 +647,21 @@ class Transport:
             t0 = time.monotonic()
             try:
                 self._client_handshake(conn)
-            except LayoutMismatchError as e:
-                conn.error = f"handshake with {conn.address} refused: {e}"
-                conn.ready.set()
-                logger.error("kvbridge: %s", conn.error)
-                raise
             except Exception as e:
-                conn.error = f"handshake with {conn.address} failed: {e}"
+                refused = isinstance(e, LayoutMismatchError)
+                conn.error = f"handshake with {conn.address} {'refused' if refused else 'failed'}: {e}"
+                # Forget the connection: a later pull shakes hands afresh (the
+                # producer may come back, or with a fixed layout).
                 conn.closed = True
                 conn.ready.set()
+                with self._peers_lock:
+                    if self._peers.get(conn.address) is conn:
+                        del self._peers[conn.address]
                 logger.error("kvbridge: %s", conn.error)
                 if conn.sock is not None:
                     conn.sock.close()
+                if refused:
+                    raise
                 raise TransferError(conn.error) from e
             self.stats.handshakes += 1
             self.stats.handshake_seconds += time.monotonic() - t0
