@@ -12,6 +12,7 @@ with the same block stride) and a staging buffer laid out region-major.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import os
 from collections.abc import Sequence
@@ -46,6 +47,51 @@ if _cpu_lib is not None:
                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
 
 
+_cuda_lib = None
+
+
+def _load_cuda():
+    """The CUDA library, loaded on first use (loading needs the CUDA runtime)."""
+    global _cuda_lib
+    if _cuda_lib is None and cuda_kernel_built() and torch.cuda.is_available():
+        lib = _load(CUDA_LIB_NAME)
+        if lib is not None:
+            for fn in (lib.kvb_cuda_gather, lib.kvb_cuda_scatter):
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                               ctypes.c_void_p]
+        _cuda_lib = lib or False
+    return _cuda_lib or None
+
+
+def cuda_copy(regions: Sequence[torch.Tensor], ids: Sequence[int], staging: torch.Tensor,
+              gather: bool, stream=None) -> None:
+    """One CUDA launch for every region and block; staging is device or pinned
+    host memory. Asynchronous on ``stream`` (default: the current stream)."""
+    lib = _load_cuda()
+    if lib is None:
+        raise RuntimeError("the CUDA kernel is not built or no CUDA device is present")
+    dev = regions[0].device
+    stride = regions[0].stride(0)
+    if any(r.stride(0) != stride for r in regions):
+        raise ValueError("all regions need the same block stride")
+    stream = stream or torch.cuda.current_stream(dev)
+    with torch.cuda.stream(stream):
+        ptrs = torch.tensor([r.data_ptr() for r in regions], dtype=torch.int64).to(
+            dev, non_blocking=True)
+        d_ids = torch.tensor(list(ids), dtype=torch.int64).to(dev, non_blocking=True)
+    aligned = all(p % 16 == 0 for p in [staging.data_ptr(), *(r.data_ptr() for r in regions)])
+    fn = lib.kvb_cuda_gather if gather else lib.kvb_cuda_scatter
+    rc = fn(ptrs.data_ptr(), len(regions), stride, regions[0].shape[1], d_ids.data_ptr(),
+            len(ids), staging.data_ptr(), int(aligned), ctypes.c_void_p(stream.cuda_stream))
+    if rc != 0:
+        raise RuntimeError(f"kvbridge CUDA copy failed with {rc}")
+    # Keep the uploaded arrays alive until the kernel has run.
+    ptrs.record_stream(stream)
+    d_ids.record_stream(stream)
+
+
 def cpu_kernel_available() -> bool:
     return _cpu_lib is not None
 
@@ -55,7 +101,8 @@ def cuda_kernel_built() -> bool:
 
 
 def active_path() -> str:
-    """``"cpu_kernel"`` or ``"torch"``: what ``gather``/``scatter`` use for host memory."""
+    """``"cpu_kernel"`` or ``"torch"``: what ``gather``/``scatter`` use for host
+    memory (device memory uses the CUDA kernel when built, see ``cuda_copy``)."""
     if os.environ.get("KVBRIDGE_KERNEL", "") == "torch" or _cpu_lib is None:
         return "torch"
     return "cpu_kernel"
@@ -70,12 +117,23 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_PTR_CACHE: dict[tuple[int, ...], ctypes.Array] = {}
+
+
 def _native_args(regions: Sequence[torch.Tensor], ids: Sequence[int]):
+    """(region pointer array, block stride, id array) for the C ABI, or None
+    when regions differ in stride. Pointer arrays are cached per region set:
+    rebuilding them costs more than copying a small block."""
     stride = regions[0].stride(0)
-    if any(r.stride(0) != stride for r in regions):
-        return None
-    ptrs = (ctypes.c_void_p * len(regions))(*[r.data_ptr() for r in regions])
-    id_arr = (ctypes.c_int64 * len(ids))(*ids)
+    key = tuple(r.data_ptr() for r in regions)
+    ptrs = _PTR_CACHE.get(key)
+    if ptrs is None:
+        if any(r.stride(0) != stride for r in regions):
+            return None
+        if len(_PTR_CACHE) > 64:
+            _PTR_CACHE.clear()
+        ptrs = _PTR_CACHE[key] = (ctypes.c_void_p * len(regions))(*key)
+    id_arr = array.array("q", ids)
     return ptrs, stride, id_arr
 
 
@@ -83,13 +141,17 @@ def gather(regions: Sequence[torch.Tensor], ids: Sequence[int], staging: torch.T
            path: str | None = None) -> None:
     """``staging[r, i] = regions[r][ids[i]]``; ids already validated."""
     path = path or active_path()
+    if regions[0].device.type == "cuda" and path != "torch" and _load_cuda() is not None:
+        cuda_copy(regions, ids, staging, gather=True)
+        return
     n, block_bytes = len(ids), regions[0].shape[1]
     if path == "cpu_kernel" and regions[0].device.type == "cpu" and staging.device.type == "cpu":
         args = _native_args(regions, ids)
         if args is not None:
             ptrs, stride, id_arr = args
-            rc = _cpu_lib.kvb_gather(ptrs, len(regions), stride, block_bytes, id_arr, n,
-                                     staging.data_ptr(), NUM_THREADS)
+            rc = _cpu_lib.kvb_gather(ptrs, len(regions), stride, block_bytes,
+                                     id_arr.buffer_info()[0], n, staging.data_ptr(),
+                                     NUM_THREADS)
             if rc != 0:
                 raise RuntimeError(f"kvb_gather failed with {rc}")
             return
@@ -107,13 +169,17 @@ def scatter(staging: torch.Tensor, regions: Sequence[torch.Tensor], ids: Sequenc
             path: str | None = None) -> None:
     """``regions[r][ids[i]] = staging[r, i]``; ids already validated."""
     path = path or active_path()
+    if regions[0].device.type == "cuda" and path != "torch" and _load_cuda() is not None:
+        cuda_copy(regions, ids, staging, gather=False)
+        return
     n, block_bytes = len(ids), regions[0].shape[1]
     if path == "cpu_kernel" and regions[0].device.type == "cpu" and staging.device.type == "cpu":
         args = _native_args(regions, ids)
         if args is not None:
             ptrs, stride, id_arr = args
-            rc = _cpu_lib.kvb_scatter(ptrs, len(regions), stride, block_bytes, id_arr, n,
-                                      staging.data_ptr(), NUM_THREADS)
+            rc = _cpu_lib.kvb_scatter(ptrs, len(regions), stride, block_bytes,
+                                      id_arr.buffer_info()[0], n, staging.data_ptr(),
+                                      NUM_THREADS)
             if rc != 0:
                 raise RuntimeError(f"kvb_scatter failed with {rc}")
             return
