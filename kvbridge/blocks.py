@@ -163,6 +163,7 @@ class PagedKVCache:
         # uint8 [num_blocks, block_bytes] views: the unit every copy works in.
         # A region whose blocks are padded apart keeps its stride.
         self._byte_views = [_as_block_bytes(t, layout.block_bytes) for t in views]
+        self._np_views: list | None = None
 
     # -- addresses, for transports that read memory directly (CMA, NIXL) --
     def region_addresses(self) -> list[tuple[int, int, int]]:
@@ -180,11 +181,15 @@ class PagedKVCache:
         ``process_vm_readv``) straight from and into the cache. CPU only."""
         if self.device.type != "cpu":
             raise ValueError("block_buffers needs host memory; stage device memory first")
+        if self._np_views is None:
+            # numpy slicing costs ~0.3 us against ~10 us for torch slicing + .numpy().
+            self._np_views = [v.numpy() for v in self._byte_views]
         out = []
         packed = self.num_blocks == 1 or self._byte_views[0].stride(0) == self.layout.block_bytes
-        for v in self._byte_views:
-            for start, count in _runs(block_ids, packed):
-                out.append(memoryview(v[start:start + count].numpy()).cast("B"))
+        runs = _runs(block_ids, packed)
+        for v in self._np_views:
+            for start, count in runs:
+                out.append(memoryview(v[start:start + count]).cast("B"))
         return out
 
     def staging_bytes(self, num_blocks: int) -> int:

@@ -49,3 +49,17 @@ def test_demo_blocks_moves_and_verifies(tiny_model_dir):
 def test_bad_subcommand_is_a_usage_error():
     proc = run("bench", "nonsense")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_bench_transport_small_run_verifies_every_byte(tmp_path):
+    out = tmp_path / "t.json"
+    proc = run("bench", "transport", "--backends", "tcp,cma", "--sizes", "64K,1M", "--reps", "2",
+               "--baselines", "--json", str(out),
+               env={**__import__("os").environ, "KVBRIDGE_RESULTS_DIR": str(tmp_path),
+                    "UCX_NET_DEVICES": "lo"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    backends = {r["backend"] for r in rows}
+    assert {"tcp", "cma", "memcpy", "socket"} <= backends
+    assert all(r["verified"] for r in rows if r["backend"] in ("tcp", "cma"))
+    assert all(r["gbps"] > 0 and r["latency_us"] > 0 for r in rows)
