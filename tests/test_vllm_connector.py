@@ -141,11 +141,9 @@ def test_prompt_shapes(prompt_lens):
     assert max(prompt_lens) > 3 * BLOCK
 
 
-@pytest.mark.parametrize("transport", ["tcp", "cma", "nixl"])
-def test_decode_is_token_identical_and_computes_no_prompt_token(engines, tiny_model_dir,
-                                                                transport, colocated,
-                                                                prompt_lens):
-    p, d = pair(engines, tiny_model_dir, transport)
+def check_pair(p, d, colocated, prompt_lens):
+    """Decode after a remote prefill: token-identical, no prompt token computed,
+    bytes moved == the prompt blocks' KV size, producer blocks freed."""
     free_before = p.ready["free"]
     pre = p.call(cmd="prefill", prompts=PROMPTS)
     params = pre["params"]
@@ -168,30 +166,53 @@ def test_decode_is_token_identical_and_computes_no_prompt_token(engines, tiny_mo
     assert p.call(cmd="step", n=3)["free"] == free_before
 
 
-def test_registration_by_module_path(engines, tiny_model_dir, colocated):
-    p = engines("kv_producer", tiny_model_dir, port=next(_ports), module_path="kvbridge.vllm")
-    d = engines("kv_consumer", tiny_model_dir, port=next(_ports), module_path="kvbridge.vllm")
-    params = p.call(cmd="prefill", prompts=PROMPTS[:1])["params"]
-    out = d.call(cmd="decode", prompts=PROMPTS[:1], params=params, max_tokens=MAX_TOKENS)
-    assert out["tokens"] == colocated[:1]
+@pytest.fixture(scope="module")
+def tcp_pair(tiny_model_dir):
+    """Shared by the tcp tests. The producer finds the connector by name (entry
+    point), the consumer by ``kv_connector_module_path="kvbridge.vllm"``."""
+    p = Engine("kv_producer", tiny_model_dir, port=next(_ports), extra={"transport": "tcp"})
+    d = Engine("kv_consumer", tiny_model_dir, port=next(_ports), extra={"transport": "tcp"},
+               module_path="kvbridge.vllm")
+    yield p, d
+    p.stop()
+    d.stop()
 
 
-def test_prefix_already_cached_on_decode_pulls_only_the_rest(engines, tiny_model_dir,
-                                                             prompt_lens, colocated):
-    p, d = pair(engines, tiny_model_dir, "tcp")
-    long_prompt = PROMPTS[2]
-    # Decode computes the first blocks itself first (a shared system prompt, say).
-    d.call(cmd="generate", prompts=[long_prompt[: len(long_prompt) // 2]], max_tokens=1)
-    params = p.call(cmd="prefill", prompts=[long_prompt])["params"]
+def test_tcp_pair_token_identical_both_registrations(tcp_pair, colocated, prompt_lens):
+    check_pair(*tcp_pair, colocated, prompt_lens)
+
+
+@pytest.mark.parametrize("transport", ["cma", "nixl"])
+def test_decode_is_token_identical_and_computes_no_prompt_token(engines, tiny_model_dir,
+                                                                transport, colocated,
+                                                                prompt_lens):
+    p, d = pair(engines, tiny_model_dir, transport)
+    check_pair(p, d, colocated, prompt_lens)
+
+
+def test_prefix_already_cached_on_decode_pulls_only_the_rest(tcp_pair, prompt_lens):
+    p, d = tcp_pair
+    # Not PROMPTS[2]: another long prompt, so the shared pair's other tests see
+    # no prefix hits from this one.
+    long_prompt = "Shared system prompt: answer briefly and cite the module name. " * 30
+    want = d.call(cmd="generate", prompts=[long_prompt + " tail"], max_tokens=1)["tokens"]
+    params = p.call(cmd="prefill", prompts=[long_prompt + " and the question"])["params"]
     before = d.call(cmd="transport")["metrics"]["bytes_pulled"]
-    out = d.call(cmd="decode", prompts=[long_prompt], params=params, max_tokens=MAX_TOKENS)
-    assert out["tokens"] == colocated[2:]
+    out = d.call(cmd="decode", prompts=[long_prompt + " and the question"], params=params,
+                 max_tokens=MAX_TOKENS)
+    assert out["finish"] == ["length"]
     moved = d.call(cmd="transport")["metrics"]["bytes_pulled"] - before
     layout = d.call(cmd="transport")["layout"]
     per_block = layout["num_layers"] * layout["block_bytes"]
-    total_blocks = -(-prompt_lens[2] // BLOCK)
+    total_blocks = len(params[0]["remote_block_ids"])
     assert 0 < moved < total_blocks * per_block, "cached prefix blocks were pulled again"
     assert out["metrics"]["local_cache_hit"] > 0
+    assert want  # the local generation that filled the prefix cache ran
+    # Token-identical to the producer answering the same prompt on its own
+    # (its KV was computed there, independent of any transfer).
+    expect = p.call(cmd="generate", prompts=[long_prompt + " and the question"],
+                    max_tokens=MAX_TOKENS)["tokens"]
+    assert out["tokens"] == expect
 
 
 @pytest.mark.parametrize("d_opts,fields", [
