@@ -143,3 +143,18 @@ def test_zero_blocks_is_a_no_op():
     out = cache.export_blocks([])
     assert out.numel() == 0
     cache.import_blocks(out, [])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", ["one", "all", "reversed", "adjacent-run"])
+def test_kernel_edge_cases_byte_exact(path, case):
+    src, dst = make_cache(num_blocks=12, seed=4), make_cache(num_blocks=12, seed=5)
+    ids = {"one": [7], "all": list(range(12)), "reversed": list(range(11, -1, -1)),
+           "adjacent-run": [2, 3, 4, 5, 9, 10]}[case]
+    staging = torch.empty(src.staging_bytes(len(ids)), dtype=torch.uint8)
+    kernels.gather(src.byte_views, ids, staging, path=path)
+    want = torch.stack([v[ids] for v in src.byte_views]).flatten()
+    assert torch.equal(staging, want)
+    kernels.scatter(staging, dst.byte_views, ids, path=path)
+    for sv, dv in zip(src.byte_views, dst.byte_views):
+        assert torch.equal(sv[ids], dv[ids])

@@ -162,6 +162,10 @@ def check_pair(p, d, colocated, prompt_lens):
     per_block = layout["num_layers"] * layout["regions_per_layer"] * layout["block_bytes"]
     assert t["metrics"]["bytes_pulled"] == blocks * per_block
     assert t["metrics"]["transfers_done"] == len(PROMPTS)
+    # One handshake per peer, cached; tcp/cma well under 50 ms here.
+    assert t["metrics"]["handshakes"] == 1
+    if t["metrics"]["transport"] in ("tcp", "cma"):
+        assert t["metrics"]["handshake_seconds"] < 0.05, t["metrics"]
     # The producer frees every block once read (after its next engine step).
     assert p.call(cmd="step", n=3)["free"] == free_before
 
