@@ -26,6 +26,11 @@ Connection lifecycle (client = consumer, server = producer)::
                                              | PullError(xfer_id, message)
     ReadDone(xfer_id, request_id, ok) ->     (the producer may free the blocks)
 
+A ``control`` client (the producer engine's scheduler, same host) handshakes
+the same way with ``Handshake.backend = "control"`` and then only sends
+``Publish(request_id, block_ids, num_tokens)``, so blocks are readable as soon
+as the request finishes rather than at the worker's next engine step.
+
 The server sends nothing about itself (not even its layout) before the
 client's MAC verifies, so a peer without the shared secret learns nothing.
 
@@ -121,8 +126,17 @@ class ReadDone(msgspec.Struct, tag=True):
     ok: bool = True
 
 
+class Publish(msgspec.Struct, tag=True):
+    """From the producer engine's own scheduler (a ``control`` connection):
+    hold these blocks now, without waiting for the worker's next step."""
+
+    request_id: str
+    block_ids: list[int]
+    num_tokens: int | None = None
+
+
 Message = Hello | Challenge | Handshake | HandshakeAccept | Error | Pull | PullGrant | PullError \
-    | ReadDone
+    | ReadDone | Publish
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -192,6 +206,42 @@ def send_message(sock: socket.socket, msg: Message) -> None:
     sock.sendall(encode(msg))
 
 
+def client_handshake(sock: socket.socket, layout: KVLayout, backend: str,
+                     secret: bytes | None, info: dict, agent: str = "") -> HandshakeAccept:
+    """The client half of the handshake; returns the producer's accept.
+
+    Raises ``PeerRefused`` (with the producer's ``Error``) or ``ProtocolError``;
+    layout checks are the caller's (both sides run ``check_compatible``).
+    """
+    nonce = new_nonce()
+    send_message(sock, Hello(PROTOCOL_VERSION, nonce, agent))
+    ch = recv_message(sock)
+    if isinstance(ch, Error):
+        raise PeerRefused(ch)
+    if not isinstance(ch, Challenge):
+        raise ProtocolError(f"expected Challenge, got {type(ch).__name__}")
+    if ch.auth_required and secret is None:
+        raise PeerRefused(Error("auth", "producer requires a shared secret and none is "
+                                f"configured (set {SECRET_ENV} or the transport's secret)"))
+    send_message(sock, Handshake(layout, mac(secret, b"client", ch.nonce, nonce), backend, info))
+    reply = recv_message(sock)
+    if isinstance(reply, Error):
+        raise PeerRefused(reply)
+    if not isinstance(reply, HandshakeAccept):
+        raise ProtocolError(f"expected HandshakeAccept, got {type(reply).__name__}")
+    if ch.auth_required and not verify_mac(secret, reply.mac, b"server", nonce, ch.nonce):
+        raise PeerRefused(Error("auth", "producer failed to prove it knows the shared secret"))
+    return reply
+
+
+class PeerRefused(Exception):
+    """The producer answered the handshake with an ``Error``."""
+
+    def __init__(self, error: Error):
+        super().__init__(f"producer refused ({error.code}): {error.message}")
+        self.error = error
+
+
 # -- authentication -------------------------------------------------------------
 
 def new_nonce() -> bytes:
@@ -222,5 +272,5 @@ def verify_mac(secret: bytes | None, got: bytes, role: bytes, *nonces: bytes) ->
 
 __all__ = [
     "PROTOCOL_VERSION", "Challenge", "Error", "Handshake", "HandshakeAccept", "Hello", "Message",
-    "PeerClosed", "ProtocolError", "Pull", "PullError", "PullGrant", "ReadDone",
+    "PeerClosed", "ProtocolError", "Publish", "Pull", "PullError", "PullGrant", "ReadDone",
 ]

@@ -353,3 +353,34 @@ def test_pull_refuses_bad_local_ids(backend, consumers):
         cons.pull("127.0.0.1:1", "r", [1], [NUM_BLOCKS])
     with pytest.raises(ValueError, match="2 remote block ids but 1 local"):
         cons.pull("127.0.0.1:1", "r", [1, 2], [1])
+
+
+def test_publish_is_idempotent_and_never_revives_a_read_request(backend, producers, consumers):
+    prod = producers(backend)
+    cons = consumers(backend)
+    prod.publish("twice", [1, 2])
+    prod.publish("twice", [1, 2])  # the scheduler's and the worker's publish
+    h = cons.pull(prod.address, "twice", [1, 2], [3, 4])
+    assert h.wait(30) == TransferState.DONE, h.error
+    deadline = time.monotonic() + 5
+    released = []
+    while time.monotonic() < deadline and not released:
+        released = prod.call("poll")
+    assert released == [("twice", "read")]
+    prod.publish("twice", [1, 2])  # a late step-based publish after the read
+    assert prod.call("metrics")["held_requests"] == 0
+
+
+def test_control_client_publishes_without_the_engine(backend, producers, consumers):
+    from kvbridge.transport.base import ControlClient
+
+    prod = producers(backend)
+    cons = consumers(backend)
+    ctl = ControlClient(prod.address, cons.layout, None)
+    try:
+        assert ctl.publish("ctl-req", [5, 6], None)
+        h = cons.pull(prod.address, "ctl-req", [5, 6], [7, 8])
+        assert h.wait(30) == TransferState.DONE, h.error
+        assert digest(cons.cache, [7, 8]) == prod.call("digest", [5, 6])
+    finally:
+        ctl.close()

@@ -47,6 +47,9 @@ from kvbridge.layout import KVLayout, LayoutMismatchError, check_compatible, lay
 
 logger = logging.getLogger("kvbridge.transport")
 
+#: ``Handshake.backend`` of a control client (see ``ControlClient``).
+CONTROL_BACKEND = "control"
+
 
 class TransportConfig(msgspec.Struct, kw_only=True):
     """Tunables of every transport. Defaults in brackets.
@@ -220,12 +223,23 @@ class LeaseTable:
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
-    def publish(self, request_id: str, block_ids: Sequence[int], lease_s: float | None = None):
+    def publish(self, request_id: str, block_ids: Sequence[int],
+                lease_s: float | None = None) -> bool:
+        """Hold ``block_ids``; False (and nothing changes) if the request is
+        held already or has ended - a second publish of the same request (the
+        scheduler's and the worker's) must never resurrect freed blocks."""
         with self._lock:
-            if request_id in self._leases:
-                raise ValueError(f"request {request_id!r} is already published")
+            held = self._leases.get(request_id)
+            if held is not None:
+                if held.block_ids != list(block_ids):
+                    raise ValueError(f"request {request_id!r} is already published with "
+                                     f"other blocks")
+                return False
+            if request_id in self._ended:
+                return False
             self._leases[request_id] = _Lease(request_id, list(block_ids),
                                               time.monotonic() + (lease_s or self.lease_s))
+            return True
 
     def begin_read(self, request_id: str, block_ids: Sequence[int]) -> None:
         """Grant a read of ``block_ids`` of ``request_id``; raises if not allowed."""
@@ -298,6 +312,67 @@ class LeaseTable:
             return {rid: list(lease.block_ids) for rid, lease in self._leases.items()}
 
 
+class ControlClient:
+    """Publishes a producer's finished requests straight to its transport's
+    listener (same host), so blocks are readable before the engine's next step.
+
+    Used by KVBridgeConnector's scheduler side. Failures are logged and the
+    connection is retried on the next publish; the worker's own step-based
+    publish stays as the fallback, so nothing depends on this path.
+    """
+
+    def __init__(self, address: str, layout: KVLayout, secret: bytes | None,
+                 timeout_s: float = 2.0):
+        self.address = address
+        self.layout = layout
+        self.secret = secret
+        self.timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def publish(self, request_id: str, block_ids: Sequence[int],
+                num_tokens: int | None = None) -> bool:
+        msg = P.Publish(request_id, [int(b) for b in block_ids], num_tokens)
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    if self._sock is None:
+                        self._connect()
+                    P.send_message(self._sock, msg)
+                    return True
+                except (OSError, P.ProtocolError, P.PeerRefused) as e:
+                    self.close_locked()
+                    if attempt == 2:
+                        logger.warning("kvbridge: control publish of %s to %s failed: %s "
+                                       "(the worker publishes at its next step)", request_id,
+                                       self.address, e)
+        return False
+
+    def _connect(self) -> None:
+        host, _, port = self.address.rpartition(":")
+        sock = socket.create_connection((host, int(port)), timeout=self.timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            P.client_handshake(sock, self.layout, CONTROL_BACKEND, self.secret, {},
+                               "control")
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+
+    def close_locked(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_locked()
+
+
 # -- metrics ------------------------------------------------------------------------
 
 @dataclass
@@ -334,6 +409,8 @@ class ServerConn:
     granted: dict = field(default_factory=dict)
     #: whatever the backend keeps per consumer
     backend: object = None
+    #: a control client (the producer's scheduler): may only Publish
+    control: bool = False
 
 
 class PeerConnection:
@@ -409,10 +486,11 @@ class Transport:
         return self.address
 
     def publish(self, request_id: str, block_ids: Sequence[int], *,
-                num_tokens: int | None = None, lease_s: float | None = None) -> None:
-        """Hold ``block_ids`` of ``request_id`` for a consumer to read."""
+                num_tokens: int | None = None, lease_s: float | None = None) -> bool:
+        """Hold ``block_ids`` of ``request_id`` for a consumer to read; False if
+        it is held already or has ended (idempotent)."""
         ids = self.cache.validate(block_ids, num_tokens)
-        self.leases.publish(request_id, ids, lease_s)
+        return self.leases.publish(request_id, ids, lease_s)
 
     def release(self, request_id: str) -> bool:
         """Stop holding a request's blocks (abort); True if they were held."""
@@ -458,7 +536,12 @@ class Transport:
             conn.settimeout(None)
             while not self._closing.is_set():
                 msg = P.recv_message(conn)
-                if isinstance(msg, P.Pull):
+                if state.control:
+                    if not isinstance(msg, P.Publish):
+                        raise P.ProtocolError(f"a control connection may only Publish, got "
+                                              f"{type(msg).__name__}")
+                    self._handle_publish(msg)
+                elif isinstance(msg, P.Pull):
                     self._handle_pull(conn, msg, state)
                 elif isinstance(msg, P.ReadDone):
                     request_id = state.granted.pop(msg.xfer_id, None)
@@ -512,7 +595,8 @@ class Transport:
             self._try_send(conn, P.Error("auth", "authentication failed: wrong or missing "
                                                  "shared secret"))
             return False
-        if hs.backend != self.name:
+        state.control = hs.backend == CONTROL_BACKEND
+        if hs.backend != self.name and not state.control:
             msg = f"consumer uses transport {hs.backend!r}, this producer serves {self.name!r}"
             self._refuse(peer, msg)
             self._try_send(conn, P.Error("backend", msg))
@@ -524,7 +608,8 @@ class Transport:
             self._try_send(conn, P.Error("layout", str(e), layout=self.layout))
             return False
         try:
-            state.backend = self._server_accept_peer(hs.info)
+            # A control client moves no bytes: no per-consumer backend state.
+            state.backend = None if state.control else self._server_accept_peer(hs.info)
         except Exception as e:  # backend refused (e.g. not the same host)
             self._refuse(peer, str(e))
             self._try_send(conn, P.Error("backend", str(e)))
@@ -533,6 +618,12 @@ class Transport:
                                                                    hello.nonce, nonce),
                                                self._server_info()))
         return True
+
+    def _handle_publish(self, msg: P.Publish) -> None:
+        try:
+            self.publish(msg.request_id, msg.block_ids, num_tokens=msg.num_tokens)
+        except ValueError as e:  # bad ids: the worker's own publish will say why
+            logger.warning("kvbridge: control Publish of %s refused: %s", msg.request_id, e)
 
     def _refuse(self, peer: str, reason: str) -> None:
         self.stats.handshakes_refused += 1
@@ -675,29 +766,17 @@ class Transport:
         sock = socket.create_connection((host, int(port)), timeout=self.config.handshake_timeout_s)
         conn.sock = sock
         self._tune(sock)
-        nonce = P.new_nonce()
-        P.send_message(sock, P.Hello(P.PROTOCOL_VERSION, nonce, self.agent_name))
-        ch = P.recv_message(sock)
-        if isinstance(ch, P.Error):
-            raise TransferError(f"producer refused: {ch.message}")
-        if not isinstance(ch, P.Challenge):
-            raise P.ProtocolError(f"expected Challenge, got {type(ch).__name__}")
-        if ch.auth_required and self.secret is None:
-            raise TransferError("producer requires a shared secret and none is configured "
-                                f"(set {P.SECRET_ENV} or the transport's secret)")
-        P.send_message(sock, P.Handshake(self.layout, P.mac(self.secret, b"client", ch.nonce,
-                                                            nonce),
-                                         self.name, self._client_info()))
-        reply = P.recv_message(sock)
-        if isinstance(reply, P.Error):
-            if reply.code == "layout" and reply.layout is not None:
-                raise LayoutMismatchError(layout_differences(self.layout, reply.layout))
-            raise TransferError(f"producer refused ({reply.code}): {reply.message}")
-        if not isinstance(reply, P.HandshakeAccept):
-            raise P.ProtocolError(f"expected HandshakeAccept, got {type(reply).__name__}")
-        if ch.auth_required and not P.verify_mac(self.secret, reply.mac, b"server", nonce,
-                                                  ch.nonce):
-            raise TransferError("producer failed to prove it knows the shared secret")
+        try:
+            reply = P.client_handshake(sock, self.layout, self.name, self.secret,
+                                       self._client_info(), self.agent_name)
+        except P.PeerRefused as e:
+            err = e.error
+            if err.code == "layout" and err.layout is not None:
+                raise LayoutMismatchError(layout_differences(self.layout, err.layout)) from None
+            if err.code == "auth":
+                raise TransferError(err.message if "secret" in err.message
+                                    else f"producer refused: {err.message}") from None
+            raise TransferError(f"producer refused: {err.message}") from None
         check_compatible(self.layout, reply.layout)
         conn.remote_layout = reply.layout
         conn.remote_info = reply.info

@@ -567,6 +567,11 @@ class NixlTransport(Transport):
             if why is not None:
                 engine.abort(read, why)
                 read.done.wait()
+                if read.state != "DONE":
+                    # UCX cannot always recall a READ's bytes in flight (over
+                    # TCP they kept landing): drop the connection, which
+                    # removes the remote agent and with it the endpoint.
+                    _shutdown(conn.sock)
                 break
             if not engine.alive and not read.done.is_set():
                 read.error, read.state = "transport closed", "ABORTED"
@@ -653,6 +658,14 @@ class NixlTransport(Transport):
             if engine is not None and not engine.stop(grace):
                 logger.error("kvbridge: NIXL agent %s did not stop", engine.name)
         self._prod = None
+
+
+def _shutdown(sock: socket.socket | None) -> None:
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _key(agent_name) -> bytes:

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 
-from kvbridge.layout import PROTOCOL_VERSION
+from kvbridge import protocol as P
+from kvbridge.layout import PROTOCOL_VERSION, KVLayout
+from kvbridge.transport.base import ControlClient
 from kvbridge.vllm.config import KVBridgeConfig
 from kvbridge.vllm.metadata import (
     KVBridgeConnectorMetadata,
@@ -54,6 +56,7 @@ class KVBridgeScheduler:
         #: consumer: what each finished pull moved (from the workers), reported
         #: back in the decode response's kv_transfer_params
         self._transfer_figures: dict[str, tuple[int, float, int]] = {}
+        self._control: list[ControlClient] = []
 
     # -- handshake metadata from the workers --
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVBridgeHandshakeMetadata]):
@@ -61,6 +64,13 @@ class KVBridgeScheduler:
         self.addresses = [metadata[r].address for r in ranks if metadata[r].address]
         self.layout_fingerprint = metadata[ranks[0]].layout_fingerprint if ranks else None
         self.layout = metadata[ranks[0]].layout if ranks else None
+        # Publish finished prefills straight to each worker's listener: the
+        # blocks become readable now, not at the engine's next step (which a
+        # busy or idle engine can delay by seconds).
+        secret = P.resolve_secret(self.config.transport_config.secret)
+        self._control = [ControlClient(metadata[r].address, KVLayout.from_dict(metadata[r].layout),
+                                       secret)
+                         for r in ranks if metadata[r].address]
         logger.info("KVBridgeConnector: role %s, transport %s, producer addresses %s, "
                     "layout %s", self.config.role, self.config.transport, self.addresses,
                     self.layout_fingerprint)
@@ -113,6 +123,10 @@ class KVBridgeScheduler:
         if meta is not None and hasattr(meta, "transfers"):
             self._transfer_figures.update(meta.transfers)
 
+    def shutdown(self) -> None:
+        for client in self._control:
+            client.close()
+
     def describe(self) -> dict[str, Any]:
         """What a router's pre-check needs (returned for ``kvbridge_describe``)."""
         return {"kvbridge": PROTOCOL_VERSION, "kv_role": self.config.role,
@@ -164,6 +178,8 @@ class KVBridgeScheduler:
         if not ids:
             return False, None
         self._reqs_to_send[request.request_id] = SendSpec(ids, num_tokens)
+        for client in self._control:
+            client.publish(request.request_id, ids, num_tokens)
         host, _, port = self.addresses[0].rpartition(":")
         return True, dict(
             do_remote_prefill=True,

@@ -51,6 +51,8 @@ class KVBridgeWorker:
         self._published: set[str] = set()
         #: requests whose publish failed: reported sent at once so vLLM frees them
         self._unpublishable: set[str] = set()
+        #: released (read/expired) -> reason, until this worker's step knows them
+        self._released: dict[str, str] = {}
         self._stats = KVBridgeKVConnectorStats()
         self._finished_transfers: dict[str, tuple[int, float, int]] = {}
         self._tp_rank = 0
@@ -86,10 +88,13 @@ class KVBridgeWorker:
     def start_load_kv(self, meta: KVBridgeConnectorMetadata) -> None:
         assert self.agent is not None
         for req_id, spec in meta.reqs_to_send.items():
+            # The scheduler usually published it already over the control
+            # connection; publishing again is a no-op (and never revives a
+            # request that was read or released meanwhile).
             try:
                 self.agent.publish(req_id, spec.block_ids, num_tokens=spec.num_tokens)
-                self._published.add(req_id)
                 self._stats.bump("num_published")
+                self._published.add(req_id)
             except Exception as e:  # noqa: BLE001 - never strand the blocks
                 logger.error("KVBridgeConnector: cannot publish request %s: %s; freeing its "
                              "blocks", req_id, e)
@@ -130,12 +135,15 @@ class KVBridgeWorker:
         done_sending: set[str] = set(self._unpublishable)
         self._unpublishable.clear()
         for req_id, reason in self.agent.poll_released():
-            if req_id not in self._published:
-                continue
-            self._published.discard(req_id)
-            done_sending.add(req_id)
+            self._released[req_id] = reason
             if reason == "expired":
                 self._stats.bump("num_expired_leases")
+        # A request can be read before this worker's step saw it (the scheduler
+        # published it directly): report it once both are known.
+        for req_id in [r for r in self._released if r in self._published]:
+            del self._released[req_id]
+            self._published.discard(req_id)
+            done_sending.add(req_id)
         return done_sending or None, done_recving or None
 
     def build_worker_meta(self) -> KVBridgeWorkerMetadata | None:
