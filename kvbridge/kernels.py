@@ -137,24 +137,33 @@ def _native_args(regions: Sequence[torch.Tensor], ids: Sequence[int]):
     return ptrs, stride, id_arr
 
 
+def _compiled_copy(regions: Sequence[torch.Tensor], ids: Sequence[int], staging: torch.Tensor,
+                   is_gather: bool, path: str) -> bool:
+    """Run the compiled kernel for this copy if it applies; False otherwise."""
+    if regions[0].device.type == "cuda" and path != "torch" and _load_cuda() is not None:
+        cuda_copy(regions, ids, staging, gather=is_gather)
+        return True
+    if path != "cpu_kernel" or regions[0].device.type != "cpu" or staging.device.type != "cpu":
+        return False
+    args = _native_args(regions, ids)
+    if args is None:
+        return False
+    ptrs, stride, id_arr = args
+    fn = _cpu_lib.kvb_gather if is_gather else _cpu_lib.kvb_scatter
+    rc = fn(ptrs, len(regions), stride, regions[0].shape[1], id_arr.buffer_info()[0], len(ids),
+            staging.data_ptr(), NUM_THREADS)
+    if rc != 0:
+        raise RuntimeError(f"kvbridge CPU kernel ({'gather' if is_gather else 'scatter'}) "
+                           f"failed with {rc}")
+    return True
+
+
 def gather(regions: Sequence[torch.Tensor], ids: Sequence[int], staging: torch.Tensor,
            path: str | None = None) -> None:
     """``staging[r, i] = regions[r][ids[i]]``; ids already validated."""
-    path = path or active_path()
-    if regions[0].device.type == "cuda" and path != "torch" and _load_cuda() is not None:
-        cuda_copy(regions, ids, staging, gather=True)
+    if _compiled_copy(regions, ids, staging, True, path or active_path()):
         return
     n, block_bytes = len(ids), regions[0].shape[1]
-    if path == "cpu_kernel" and regions[0].device.type == "cpu" and staging.device.type == "cpu":
-        args = _native_args(regions, ids)
-        if args is not None:
-            ptrs, stride, id_arr = args
-            rc = _cpu_lib.kvb_gather(ptrs, len(regions), stride, block_bytes,
-                                     id_arr.buffer_info()[0], n, staging.data_ptr(),
-                                     NUM_THREADS)
-            if rc != 0:
-                raise RuntimeError(f"kvb_gather failed with {rc}")
-            return
     out = _wide(staging.view(len(regions), n, block_bytes))
     idx = torch.as_tensor(ids, dtype=torch.long, device=regions[0].device)
     for r, region in enumerate(regions):
@@ -168,21 +177,9 @@ def gather(regions: Sequence[torch.Tensor], ids: Sequence[int], staging: torch.T
 def scatter(staging: torch.Tensor, regions: Sequence[torch.Tensor], ids: Sequence[int],
             path: str | None = None) -> None:
     """``regions[r][ids[i]] = staging[r, i]``; ids already validated."""
-    path = path or active_path()
-    if regions[0].device.type == "cuda" and path != "torch" and _load_cuda() is not None:
-        cuda_copy(regions, ids, staging, gather=False)
+    if _compiled_copy(regions, ids, staging, False, path or active_path()):
         return
     n, block_bytes = len(ids), regions[0].shape[1]
-    if path == "cpu_kernel" and regions[0].device.type == "cpu" and staging.device.type == "cpu":
-        args = _native_args(regions, ids)
-        if args is not None:
-            ptrs, stride, id_arr = args
-            rc = _cpu_lib.kvb_scatter(ptrs, len(regions), stride, block_bytes,
-                                      id_arr.buffer_info()[0], n, staging.data_ptr(),
-                                      NUM_THREADS)
-            if rc != 0:
-                raise RuntimeError(f"kvb_scatter failed with {rc}")
-            return
     src = _wide(staging.view(len(regions), n, block_bytes))
     for r, region in enumerate(regions):
         region = _wide(region)
