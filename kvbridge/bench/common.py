@@ -54,7 +54,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def command_line() -> str:
-    return "kvbridge " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command that produced a result: ``kvbridge …`` for the CLI, else
+    ``python script.py …``."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+    head = "kvbridge" if prog == "kvbridge" else f"python {sys.argv[0]}" if sys.argv else "python"
+    return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def write_results(name: str, payload: dict, table_text: str, json_path: str | None = None) -> Path:
