@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,14 @@ CUDA_LIB_NAME = "libkvbridge_cuda.so"
 #: Threads the CPU kernel may use for one large copy (default: all cores, at
 #: most 8). Copies under 4 MiB always run on the calling thread.
 NUM_THREADS = int(os.environ.get("KVBRIDGE_KERNEL_THREADS", min(8, os.cpu_count() or 1)))
+#: CPU copies of at least this many bytes in total use streaming (non-temporal)
+#: stores, which skip reading the destination into cache first; 0 turns them
+#: off [4 MiB]. See csrc/cpu/kvb_copy.cpp.
+STREAM_BYTES = int(os.environ.get("KVBRIDGE_KERNEL_NT_BYTES", 4 << 20))
+#: The C ABIs of csrc/cpu/kvb_copy.cpp and csrc/cuda/kvb_copy.cu this module
+#: calls; an older build is not used.
+CPU_ABI_VERSION = 2
+CUDA_ABI_VERSION = 2
 
 
 def _load(name: str) -> ctypes.CDLL | None:
@@ -39,12 +48,39 @@ def _load(name: str) -> ctypes.CDLL | None:
         return None
 
 
-_cpu_lib = _load(CPU_LIB_NAME)
-if _cpu_lib is not None:
-    for _fn in (_cpu_lib.kvb_gather, _cpu_lib.kvb_scatter):
-        _fn.restype = ctypes.c_int
-        _fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+def _load_cpu() -> ctypes.CDLL | None:
+    lib = _load(CPU_LIB_NAME)
+    if lib is None:
+        return None
+    version = lib.kvb_abi_version() if hasattr(lib, "kvb_abi_version") else 0
+    if version != CPU_ABI_VERSION:
+        logging.getLogger("kvbridge").warning(
+            "kvbridge: %s has C ABI %d, this version needs %d (a stale build: reinstall "
+            "kvbridge); using the torch copy path", CPU_LIB_NAME, version, CPU_ABI_VERSION)
+        return None
+    for fn in (lib.kvb_gather, lib.kvb_scatter):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.kvb_copy_blocks.restype = ctypes.c_int
+    lib.kvb_copy_blocks.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    lib.kvb_set_stream_threshold.restype = None
+    lib.kvb_set_stream_threshold.argtypes = [ctypes.c_int64]
+    lib.kvb_set_stream_threshold(STREAM_BYTES)
+    return lib
+
+
+_cpu_lib = _load_cpu()
+
+
+def set_stream_threshold(nbytes: int) -> None:
+    """Set ``STREAM_BYTES`` for this process (tests use it to force either store kind)."""
+    global STREAM_BYTES
+    STREAM_BYTES = int(nbytes)
+    if _cpu_lib is not None:
+        _cpu_lib.kvb_set_stream_threshold(STREAM_BYTES)
 
 
 _cuda_lib = None
@@ -55,12 +91,23 @@ def _load_cuda():
     global _cuda_lib
     if _cuda_lib is None and cuda_kernel_built() and torch.cuda.is_available():
         lib = _load(CUDA_LIB_NAME)
+        if lib is not None and lib.kvb_cuda_abi_version() != CUDA_ABI_VERSION:
+            logging.getLogger("kvbridge").warning(
+                "kvbridge: %s has C ABI %d, this version needs %d (a stale build: reinstall "
+                "kvbridge); using torch copies on the GPU", CUDA_LIB_NAME,
+                lib.kvb_cuda_abi_version(), CUDA_ABI_VERSION)
+            lib = None
         if lib is not None:
             for fn in (lib.kvb_cuda_gather, lib.kvb_cuda_scatter):
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                                ctypes.c_void_p]
+            lib.kvb_cuda_copy_blocks.restype = ctypes.c_int
+            lib.kvb_cuda_copy_blocks.argtypes = [
+                ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                ctypes.c_int, ctypes.c_void_p]
         _cuda_lib = lib or False
     return _cuda_lib or None
 
@@ -90,6 +137,11 @@ def cuda_copy(regions: Sequence[torch.Tensor], ids: Sequence[int], staging: torc
     # Keep the uploaded arrays alive until the kernel has run.
     ptrs.record_stream(stream)
     d_ids.record_stream(stream)
+
+
+def cuda_kernel_usable() -> bool:
+    """The CUDA kernel is built, matches this version, and a CUDA device exists."""
+    return _load_cuda() is not None
 
 
 def cpu_kernel_available() -> bool:
@@ -186,3 +238,78 @@ def scatter(staging: torch.Tensor, regions: Sequence[torch.Tensor], ids: Sequenc
         # A copy_ per block measured ~2x faster than index_copy_ on the CPU.
         for i, b in enumerate(ids):
             region[b].copy_(src[r, i], non_blocking=True)
+
+
+def _host_ok_for_cuda(t: torch.Tensor) -> bool:
+    """The CUDA kernel can address this tensor: device memory or pinned host memory."""
+    return t.device.type == "cuda" or (t.device.type == "cpu" and t.is_pinned())
+
+
+def copy_blocks(src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor], src_ids: Sequence[int],
+                dst_ids: Sequence[int], *, path: str | None = None, stream=None) -> None:
+    """``dst[r][dst_ids[i]] = src[r][src_ids[i]]`` for every region ``r``: block
+    to block between two paged caches with the same block size (an engine's
+    device cache and its host mirror, or two host caches).
+
+    Regions are uint8 ``[num_blocks, block_bytes]`` views, one stride per side;
+    ids are validated by the caller. With GPU memory on either side this is one
+    CUDA launch for all regions and blocks, then a wait for ``stream`` (default:
+    the current stream) - the host side must be pinned, else torch copies are
+    used. Host memory on both sides uses the CPU kernel (or torch, see
+    ``active_path``).
+    """
+    if len(src) != len(dst):
+        raise ValueError(f"{len(src)} source regions for {len(dst)} destination regions")
+    if len(src_ids) != len(dst_ids):
+        raise ValueError(f"{len(src_ids)} source ids for {len(dst_ids)} destination ids")
+    if not src or not src_ids:
+        return
+    block_bytes = src[0].shape[1]
+    if any(t.shape[1] != block_bytes for t in (*src, *dst)):
+        raise ValueError("all regions need the same block size")
+    path = path or active_path()
+    on_gpu = [t for t in (src[0], dst[0]) if t.device.type == "cuda"]
+    if on_gpu:
+        lib = _load_cuda() if path != "torch" else None
+        if lib is not None and all(_host_ok_for_cuda(t) for t in (*src, *dst)):
+            _cuda_copy_blocks(lib, src, dst, src_ids, dst_ids, on_gpu[0].device, stream)
+            return
+    elif path == "cpu_kernel":
+        s_args, d_args = _native_args(src, src_ids), _native_args(dst, dst_ids)
+        if s_args is not None and d_args is not None:
+            rc = _cpu_lib.kvb_copy_blocks(s_args[0], s_args[1], s_args[2].buffer_info()[0],
+                                          d_args[0], d_args[1], d_args[2].buffer_info()[0],
+                                          len(src), block_bytes, len(src_ids), NUM_THREADS)
+            if rc != 0:
+                raise RuntimeError(f"kvbridge CPU kernel (copy_blocks) failed with {rc}")
+            return
+    # torch: per region, gather on the source device, then place on the destination's.
+    for s, d in zip(src, dst, strict=True):
+        s_idx = torch.as_tensor(list(src_ids), dtype=torch.long, device=s.device)
+        d_idx = torch.as_tensor(list(dst_ids), dtype=torch.long, device=d.device)
+        d.index_copy_(0, d_idx, s.index_select(0, s_idx).to(d.device))
+    if on_gpu:
+        torch.cuda.current_stream(on_gpu[0].device).synchronize()
+
+
+def _cuda_copy_blocks(lib, src, dst, src_ids, dst_ids, device, stream) -> None:
+    s_stride, d_stride = src[0].stride(0), dst[0].stride(0)
+    if any(t.stride(0) != s_stride for t in src) or any(t.stride(0) != d_stride for t in dst):
+        raise ValueError("all regions of a side need the same block stride")
+    stream = stream or torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream):
+        # One upload of the four small arrays; pinned so the copy is truly async.
+        table = torch.tensor([*(t.data_ptr() for t in src), *(t.data_ptr() for t in dst),
+                              *src_ids, *dst_ids], dtype=torch.int64).pin_memory()
+        d_table = table.to(device, non_blocking=True)
+    n_r, n = len(src), len(src_ids)
+    base, item = d_table.data_ptr(), 8
+    aligned = all(t.data_ptr() % 16 == 0 for t in (*src, *dst))
+    rc = lib.kvb_cuda_copy_blocks(base, s_stride, base + item * 2 * n_r,
+                                  base + item * n_r, d_stride, base + item * (2 * n_r + n),
+                                  n_r, src[0].shape[1], n, int(aligned),
+                                  ctypes.c_void_p(stream.cuda_stream))
+    if rc != 0:
+        raise RuntimeError(f"kvbridge CUDA copy_blocks failed with {rc}")
+    # Synchronous contract: the host side is read or written by the time we return.
+    stream.synchronize()
