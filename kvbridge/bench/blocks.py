@@ -41,7 +41,9 @@ def make_cache(shape: str, num_blocks: int) -> PagedKVCache:
 
 def run(quick: bool = False, json_path: str | None = None, progress: bool = True) -> dict:
     counts = [1, 16, 128] if quick else [1, 16, 128, 1024]
-    paths = ["cpu_kernel", "torch"] if kernels.cpu_kernel_available() else ["torch"]
+    # "cpu_kernel_1t": the CPU kernel held to one thread, against the one-thread memcpy.
+    paths = (["cpu_kernel", "cpu_kernel_1t", "torch"] if kernels.cpu_kernel_available()
+             else ["torch"])
     plan = [(s, n) for s in BLOCK_SHAPES for n in counts
             if not (quick and s == "llama8b" and n > 128)]
     prog = Progress(len(plan), progress)
@@ -60,10 +62,16 @@ def run(quick: bool = False, json_path: str | None = None, progress: bool = True
         entry = {"shape": shape, "blocks": n, "bytes": nbytes, "memcpy_gbps": memcpy_gbps}
         row = [shape, n, fmt_bytes(nbytes), f"{memcpy_gbps:.2f}"]
         for path in paths:
-            t_g = time_it(lambda: kernels.gather(cache.byte_views, ids, staging, path=path),
-                          min_time=min_time)
-            t_s = time_it(lambda: kernels.scatter(staging, cache.byte_views, ids, path=path),
-                          min_time=min_time)
+            kpath, threads = path.removesuffix("_1t"), kernels.NUM_THREADS
+            if path.endswith("_1t"):
+                kernels.NUM_THREADS = 1
+            try:
+                t_g = time_it(lambda: kernels.gather(cache.byte_views, ids, staging, path=kpath),
+                              min_time=min_time)
+                t_s = time_it(lambda: kernels.scatter(staging, cache.byte_views, ids,
+                                                      path=kpath), min_time=min_time)
+            finally:
+                kernels.NUM_THREADS = threads
             g, s = nbytes / t_g / 1e9, nbytes / t_s / 1e9
             entry[path] = {"gather_gbps": g, "scatter_gbps": s,
                            "gather_vs_memcpy": g / memcpy_gbps, "scatter_vs_memcpy": s / memcpy_gbps}
@@ -83,7 +91,8 @@ def run(quick: bool = False, json_path: str | None = None, progress: bool = True
     text = table(headers, rows)
     print(text)
     print(f"\nlayers: {NUM_LAYERS}; block ids random, non-contiguous; memcpy = one-thread libc "
-          f"memcpy of the same bytes; kernel threads: {kernels.NUM_THREADS}")
+          f"memcpy of the same bytes; kernel threads: {kernels.NUM_THREADS} (cpu_kernel_1t: 1); "
+          f"streaming stores from {fmt_bytes(kernels.STREAM_BYTES)}")
     write_results("blocks" + ("-quick" if quick else ""),
                   {"paths": paths, "layers": NUM_LAYERS, "results": results}, text, json_path)
     return {"results": results}
