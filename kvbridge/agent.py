@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from kvbridge.blocks import PagedKVCache
+from kvbridge.blocks import HostMirror, PagedKVCache
 from kvbridge.layout import KVLayout
 from kvbridge.transport import TransferHandle, Transport, TransportConfig, create_transport
 
@@ -66,19 +66,31 @@ class KVAgent:
         config: transport tunables (``TransportConfig``; defaults documented
             there).
         name: agent name for logs and NIXL.
+        host_mirror: when the engine's KV cache is in GPU memory: the
+            ``HostMirror`` that ``kv_cache`` wraps. Blocks are then copied
+            device -> mirror before a publish makes them readable, and mirror
+            -> device before a pull counts as done.
     """
 
     def __init__(self, kv_cache: PagedKVCache | Sequence[torch.Tensor],
                  layout: KVLayout | None = None, *, transport: str = "tcp",
-                 config: TransportConfig | None = None, name: str | None = None):
+                 config: TransportConfig | None = None, name: str | None = None,
+                 host_mirror: HostMirror | None = None):
         if not isinstance(kv_cache, PagedKVCache):
             if layout is None:
                 raise ValueError("pass a KVLayout with plain tensors")
             kv_cache = PagedKVCache(layout, list(kv_cache))
         self.cache = kv_cache
         self.layout = kv_cache.layout
+        self.host_mirror = host_mirror
         self.transport: Transport = create_transport(transport, kv_cache, config,
                                                      agent_name=name)
+        if host_mirror is not None:
+            mirrored = {t.data_ptr() for t in host_mirror.host_regions()}
+            if any(r.data_ptr() not in mirrored for r in kv_cache.regions):
+                raise ValueError("kv_cache must wrap host_mirror.host_regions()")
+            self.transport.before_publish = host_mirror.to_host
+            self.transport.after_pull = host_mirror.to_device
 
     # ------------------------------------------------------------------ producer
     def serve(self) -> str:
@@ -127,8 +139,15 @@ class KVAgent:
 
     # ------------------------------------------------------------------ both
     def metrics(self) -> dict:
-        """Transfers, bytes, GB/s, failures by kind, handshakes, held requests."""
-        return self.transport.metrics()
+        """Transfers, bytes, GB/s, failures by kind, handshakes, held requests;
+        with a host mirror, the blocks staged each way and the seconds it took."""
+        out = self.transport.metrics()
+        if self.host_mirror is not None:
+            m = self.host_mirror
+            out["host_staging"] = {"blocks_to_host": m.blocks_to_host,
+                                   "blocks_to_device": m.blocks_to_device,
+                                   "seconds": m.seconds, "mirror_bytes": m.nbytes}
+        return out
 
     def close(self) -> None:
         self.transport.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Sequence
 
 import torch
@@ -250,3 +251,131 @@ def _as_block_bytes(t: torch.Tensor, block_bytes: int) -> torch.Tensor:
         t.untyped_storage(), t.storage_offset() * t.element_size(), (t.shape[0], block_bytes),
         (stride_bytes, 1))
     return flat
+
+
+# ---------------------------------------------------------------- host staging
+
+
+def kv_block_regions(layer: torch.Tensor) -> list[torch.Tensor]:
+    """The block-indexed regions of one layer's KV tensor.
+
+    ``[layer]`` when dim 0 is the block index (vLLM's CPU backend, MLA, most
+    custom engines); ``[layer[0], layer[1]]`` for a K/V-split tensor
+    ``[2, num_blocks, ...]`` of 5 dims (vLLM's GPU attention backends).
+    """
+    if layer.ndim == 5 and layer.shape[0] == 2:
+        return [layer[0], layer[1]]
+    return [layer]
+
+
+def _block_bytes_of(region: torch.Tensor) -> int:
+    return region[0].numel() * region.element_size()
+
+
+def copy_kv_blocks(src_kv_caches: dict[str, torch.Tensor], dst_kv_caches: dict[str, torch.Tensor],
+                   src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
+                   direction: str | None = None) -> None:
+    """``dst[layer][dst_block_ids[i]] = src[layer][src_block_ids[i]]`` for every layer.
+
+    vLLM's ``CopyBlocksOp`` signature (what ``set_host_xfer_buffer_ops`` hands
+    a connector), implemented with the csrc kernels: one CUDA launch for every
+    layer and block when either side is in GPU memory (the host side must be
+    pinned), the CPU kernel when both are in host memory. Synchronous: the
+    blocks are in place when it returns. ``direction`` (``"h2d"``/``"d2h"``)
+    is accepted for the signature; the tensors' devices decide.
+    """
+    del direction
+    if len(src_block_ids) != len(dst_block_ids):
+        raise ValueError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} "
+                         "destination blocks")
+    if not src_block_ids:
+        return
+    if src_kv_caches.keys() != dst_kv_caches.keys():
+        raise ValueError("source and destination caches name different layers")
+    # The kernels take one stride and block size per side: group regions by them.
+    groups: dict[tuple[int, int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for name, src in src_kv_caches.items():
+        for s, d in zip(kv_block_regions(src), kv_block_regions(dst_kv_caches[name]), strict=True):
+            nbytes = _block_bytes_of(s)
+            if _block_bytes_of(d) != nbytes or s.shape[0] <= 0:
+                raise ValueError(f"layer {name}: blocks of {nbytes} and {_block_bytes_of(d)} "
+                                 "bytes")
+            sv, dv = _as_block_bytes(s, nbytes), _as_block_bytes(d, nbytes)
+            srcs, dsts = groups.setdefault((nbytes, sv.stride(0), dv.stride(0)), ([], []))
+            srcs.append(sv)
+            dsts.append(dv)
+    src_ids, dst_ids = list(src_block_ids), list(dst_block_ids)
+    for srcs, dsts in groups.values():
+        kernels.copy_blocks(srcs, dsts, src_ids, dst_ids)
+
+
+class HostMirror:
+    """A host copy of an engine's device KV cache, block for block.
+
+    What a transport serves (producer) and fills (consumer) when the engine's
+    KV cache lives in GPU memory, which sockets and cross-memory attach cannot
+    address: vLLM's ``kv_buffer_device: "cpu"``, NixlConnector's host transfer
+    buffer. ``to_host(ids)`` copies blocks device -> mirror before a publish
+    makes them readable; ``to_device(ids)`` copies pulled blocks mirror ->
+    device before the pull counts as done. ``KVAgent(..., host_mirror=m)``
+    wires both.
+
+    The mirror is page-locked (pinned) when a CUDA device exists, so the CUDA
+    kernel reads and writes it directly (one launch, no second staging copy).
+    It holds as many blocks as the device cache - the same host memory
+    NixlConnector's host buffer takes.
+
+    Args:
+        device_kv_caches: layer name -> the engine's KV tensor (dim 0 the block
+            index, or ``[2, num_blocks, ...]`` K/V-split).
+        copy_op: ``CopyBlocksOp`` to use (default ``copy_kv_blocks``: the csrc
+            kernels); vLLM's own op can be passed instead.
+        pin_memory: ``None`` means "pin if CUDA is available".
+    """
+
+    def __init__(self, device_kv_caches: dict[str, torch.Tensor], copy_op=None,
+                 pin_memory: bool | None = None):
+        if not device_kv_caches:
+            raise ValueError("no KV tensors to mirror")
+        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.device_kv_caches = dict(device_kv_caches)
+        self.host_kv_caches = {name: torch.zeros(t.shape, dtype=t.dtype, device="cpu",
+                                                 pin_memory=pin)
+                               for name, t in self.device_kv_caches.items()}
+        self.copy_op = copy_op or copy_kv_blocks
+        #: blocks copied each way (a block counts once for all its layers)
+        self.blocks_to_host = 0
+        self.blocks_to_device = 0
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.host_kv_caches.values())
+
+    def host_regions(self, layer_order: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """The mirror's block-indexed regions, layer by layer (``layer_order``,
+        default insertion order), K before V: what ``PagedKVCache`` wraps."""
+        names = list(layer_order) if layer_order is not None else list(self.host_kv_caches)
+        return [r for name in names for r in kv_block_regions(self.host_kv_caches[name])]
+
+    def to_host(self, block_ids: Sequence[int]) -> None:
+        """Copy ``block_ids`` device -> mirror (synchronous)."""
+        self._copy(self.device_kv_caches, self.host_kv_caches, block_ids, "d2h")
+
+    def to_device(self, block_ids: Sequence[int]) -> None:
+        """Copy ``block_ids`` mirror -> device (synchronous)."""
+        self._copy(self.host_kv_caches, self.device_kv_caches, block_ids, "h2d")
+
+    def _copy(self, src, dst, block_ids: Sequence[int], direction: str) -> None:
+        ids = [int(b) for b in block_ids]
+        if not ids:
+            return
+        t0 = time.perf_counter()
+        self.copy_op(src, dst, ids, ids, direction)
+        with self._lock:
+            self.seconds += time.perf_counter() - t0
+            if direction == "d2h":
+                self.blocks_to_host += len(ids)
+            else:
+                self.blocks_to_device += len(ids)

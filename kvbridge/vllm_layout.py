@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvbridge.layout import KVLayout, dtype_name
+from kvbridge.blocks import kv_block_regions
+from kvbridge.layout import KVLayout, dtype_name, normalize_memory_layout
 
 if TYPE_CHECKING:
     import torch
@@ -26,8 +27,8 @@ def memory_layout_of(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor]
         from vllm.v1.attention.backends.utils import get_kv_cache_layout
 
         layout = get_kv_cache_layout()
-        return getattr(layout, "name", str(layout))
-    except Exception:  # older or newer vLLM without the helper
+        return normalize_memory_layout(str(getattr(layout, "value", layout)))
+    except Exception:  # a vLLM without the helper, or a name kvbridge does not know
         return "custom"
 
 
@@ -43,11 +44,12 @@ def layout_from_vllm(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor]
             the model path).
     """
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
-    tensors = [kv_caches[name] for name in sorted(kv_caches, key=_layer_index)]
+    tensors = [kv_caches[name] for name in ordered_layer_names(kv_caches)]
     first = tensors[0]
-    block_bytes = first[0].numel() * first.element_size()
+    first_region = kv_block_regions(first)[0]
+    block_bytes = first_region[0].numel() * first.element_size()
     for name, t in kv_caches.items():
-        if t[0].numel() * t.element_size() != block_bytes or t.shape[0] != first.shape[0]:
+        if t.shape != first.shape:
             raise ValueError(f"KV tensor {name} shape {tuple(t.shape)} differs from "
                              f"{tuple(first.shape)}: hybrid/heterogeneous caches are not supported")
     served = getattr(mc, "served_model_name", None)
@@ -63,7 +65,7 @@ def layout_from_vllm(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor]
         head_size=mc.get_head_size(),
         block_size=cc.block_size,
         memory_layout=memory_layout_of(vllm_config, kv_caches),
-        regions_per_layer=1,
+        regions_per_layer=len(kv_block_regions(first)),
         block_bytes=block_bytes,
         tp_size=pc.tensor_parallel_size,
         tp_rank=getattr(pc, "rank", 0) % max(1, pc.tensor_parallel_size),
@@ -78,5 +80,11 @@ def _layer_index(name: str) -> tuple[int, str]:
     return (nums[0] if nums else -1, name)
 
 
-def ordered_kv_tensors(kv_caches: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    return [kv_caches[name] for name in sorted(kv_caches, key=_layer_index)]
+def ordered_layer_names(kv_caches: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(kv_caches, key=_layer_index)
+
+
+def ordered_kv_regions(kv_caches: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Block-indexed regions in layer order (K before V when split): what
+    ``PagedKVCache`` wraps for a layout from ``layout_from_vllm``."""
+    return [r for name in ordered_layer_names(kv_caches) for r in kv_block_regions(kv_caches[name])]

@@ -194,6 +194,24 @@ def test_decode_is_token_identical_and_computes_no_prompt_token(engines, tiny_mo
     check_pair(p, d, colocated, prompt_lens)
 
 
+def test_host_staging_path_token_identical(engines, tiny_model_dir, colocated, prompt_lens):
+    """The GPU deployment's path, run on host memory: each engine's KV cache is
+    mirrored (host_staging=true), the producer copies blocks cache -> mirror
+    when it publishes, the transport moves mirror to mirror, and the consumer
+    copies mirror -> cache before vLLM sees the blocks (with the CPU kernel
+    standing in for the CUDA one). Skip either copy and decode attends over
+    zeros or stale KV, and the tokens differ."""
+    staged = {"transport": "tcp", "host_staging": True}
+    p = engines("kv_producer", tiny_model_dir, port=next(_ports), extra=staged)
+    d = engines("kv_consumer", tiny_model_dir, port=next(_ports), extra=staged)
+    check_pair(p, d, colocated, prompt_lens)
+    blocks = sum(-(-n // BLOCK) for n in prompt_lens)
+    assert p.call(cmd="transport")["metrics"]["host_staging"]["blocks_to_host"] == blocks
+    d_staging = d.call(cmd="transport")["metrics"]["host_staging"]
+    assert d_staging["blocks_to_device"] == blocks
+    assert d_staging["blocks_to_host"] == 0
+
+
 def test_prefix_already_cached_on_decode_pulls_only_the_rest(tcp_pair, prompt_lens):
     p, d = tcp_pair
     # Not PROMPTS[2]: another long prompt, so the shared pair's other tests see

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -240,6 +240,11 @@ class LeaseTable:
             self._leases[request_id] = _Lease(request_id, list(block_ids),
                                               time.monotonic() + (lease_s or self.lease_s))
             return True
+
+    def known(self, request_id: str) -> bool:
+        """Whether ``request_id`` is held or has ended (a publish would be a no-op)."""
+        with self._lock:
+            return request_id in self._leases or request_id in self._ended
 
     def begin_read(self, request_id: str, block_ids: Sequence[int]) -> None:
         """Grant a read of ``block_ids`` of ``request_id``; raises if not allowed."""
@@ -457,6 +462,14 @@ class Transport:
         self._server_conns: set[socket.socket] = set()
         self._closing = threading.Event()
         self._reaper: threading.Thread | None = None
+        #: producer: called with a request's block ids before its first publish
+        #: makes them readable (e.g. ``HostMirror.to_host``); raising refuses
+        #: the publish
+        self.before_publish: Callable[[list[int]], None] | None = None
+        #: consumer: called with a pull's local block ids once its bytes landed,
+        #: before the handle is DONE (e.g. ``HostMirror.to_device``); raising
+        #: fails the pull
+        self.after_pull: Callable[[list[int]], None] | None = None
 
     # ------------------------------------------------------------------ producer
     @property
@@ -490,6 +503,8 @@ class Transport:
         """Hold ``block_ids`` of ``request_id`` for a consumer to read; False if
         it is held already or has ended (idempotent)."""
         ids = self.cache.validate(block_ids, num_tokens)
+        if self.before_publish is not None and not self.leases.known(request_id):
+            self.before_publish(ids)
         return self.leases.publish(request_id, ids, lease_s)
 
     def release(self, request_id: str) -> bool:
@@ -624,6 +639,8 @@ class Transport:
             self.publish(msg.request_id, msg.block_ids, num_tokens=msg.num_tokens)
         except ValueError as e:  # bad ids: the worker's own publish will say why
             logger.warning("kvbridge: control Publish of %s refused: %s", msg.request_id, e)
+        except Exception as e:  # noqa: BLE001 - a failed before_publish hook (staging)
+            logger.error("kvbridge: control Publish of %s failed: %s", msg.request_id, e)
 
     def _refuse(self, peer: str, reason: str) -> None:
         self.stats.handshakes_refused += 1
@@ -842,6 +859,12 @@ class Transport:
                 P.send_message(conn.sock, P.ReadDone(handle.xfer_id, handle.request_id, ok))
             except OSError:
                 pass
+        if ok and self.after_pull is not None:
+            try:
+                self.after_pull(list(handle.local_ids))
+            except Exception as e:  # noqa: BLE001 - fail this pull, not the reader thread
+                self._fail(handle, f"after_pull hook failed: {e}")
+                return
         if ok:
             self.stats.transfers_done += 1
             self.stats.bytes_pulled += handle.nbytes

@@ -20,7 +20,20 @@ key                    meaning                                         default
 ``transfer_timeout_s`` a pull with no progress this long fails         30
 ``handshake_timeout_s`` connect + layout handshake deadline            5
 ``publish_wait_s``     consumer waits this long for a late publish     10
+``host_staging``       stage blocks through a host mirror of the KV    ``auto``
+                       cache: ``auto`` (when the cache is not in host
+                       memory, i.e. on a GPU), ``true``, ``false``
 =====================  ==============================================  ===========
+
+Host staging: sockets and cross-memory attach address host memory only, so a
+KV cache in GPU memory is mirrored in page-locked host memory (as
+NixlConnector's ``kv_buffer_device: "cpu"`` does): the producer copies a
+request's blocks device -> mirror when it publishes them, the consumer copies
+pulled blocks mirror -> device before reporting them received. The copies are
+kvbridge's CUDA kernel (one launch for all layers and blocks), or the copy op
+vLLM hands over through ``set_host_xfer_buffer_ops`` when that kernel is not
+built. ``true`` forces the mirror for a host cache too (it exercises the same
+path on a CPU-only machine).
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ from dataclasses import dataclass
 from kvbridge.transport import TransportConfig, transport_class
 
 _KNOWN = {"transport", "host", "advertise_host", "port", "lease_s", "secret",
-          "transfer_timeout_s", "handshake_timeout_s", "publish_wait_s"}
+          "transfer_timeout_s", "handshake_timeout_s", "publish_wait_s", "host_staging"}
 
 
 @dataclass
@@ -39,6 +52,8 @@ class KVBridgeConfig:
     transport: str
     base_port: int
     transport_config: TransportConfig
+    #: "auto", "true" or "false" (see the module docstring)
+    host_staging: str = "auto"
 
     @property
     def is_producer(self) -> bool:
@@ -72,5 +87,9 @@ class KVBridgeConfig:
             handshake_timeout_s=float(extra.get("handshake_timeout_s", 5.0)),
             publish_wait_s=float(extra.get("publish_wait_s", 10.0)),
         )
+        staging = str(extra.get("host_staging", "auto")).lower()
+        if staging not in ("auto", "true", "false"):
+            raise ValueError(f"kv_connector_extra_config.host_staging must be auto, true or "
+                             f"false, got {extra.get('host_staging')!r}")
         return cls(role=role, transport=transport, base_port=int(extra.get("port", ktc.kv_port)),
-                   transport_config=tc)
+                   transport_config=tc, host_staging=staging)

@@ -100,6 +100,10 @@ class KVBridgeConnector(KVConnectorBase_V1):
         assert self.connector_worker is not None
         self.connector_worker.register_kv_caches(kv_caches)
 
+    def set_host_xfer_buffer_ops(self, copy_operation) -> None:
+        assert self.connector_worker is not None
+        self.connector_worker.set_host_xfer_buffer_ops(copy_operation)
+
     def get_handshake_metadata(self) -> KVBridgeHandshakeMetadata | None:
         assert self.connector_worker is not None
         return self.connector_worker.handshake_metadata()

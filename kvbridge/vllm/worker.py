@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
 
+from kvbridge import kernels
 from kvbridge.agent import KVAgent
-from kvbridge.blocks import PagedKVCache
+from kvbridge.blocks import HostMirror, PagedKVCache, copy_kv_blocks
 from kvbridge.transport import TransferHandle, TransferState
 from kvbridge.vllm.config import KVBridgeConfig
 from kvbridge.vllm.metadata import (
@@ -30,7 +31,7 @@ from kvbridge.vllm.metadata import (
     KVBridgeWorkerMetadata,
 )
 from kvbridge.vllm.stats import KVBridgeKVConnectorStats
-from kvbridge.vllm_layout import layout_from_vllm, ordered_kv_tensors
+from kvbridge.vllm_layout import layout_from_vllm, ordered_kv_regions, ordered_layer_names
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +57,8 @@ class KVBridgeWorker:
         self._stats = KVBridgeKVConnectorStats()
         self._finished_transfers: dict[str, tuple[int, float, int]] = {}
         self._tp_rank = 0
+        #: host mirror of a device KV cache (see config: host_staging)
+        self.mirror: HostMirror | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -67,16 +70,44 @@ class KVBridgeWorker:
         layout = layout_from_vllm(self.vllm_config, kv_caches)
         if layout.tp_rank != self._tp_rank:
             layout = type(layout)(**{**layout.to_dict(), "tp_rank": self._tp_rank})
-        self.cache = PagedKVCache(layout, ordered_kv_tensors(kv_caches))
+        on_host = next(iter(kv_caches.values())).device.type == "cpu"
+        staging = self.config.host_staging
+        if staging == "false" and not on_host:
+            raise ValueError("KVBridgeConnector: the KV cache is in GPU memory, which the "
+                             f"{self.config.transport} transport cannot address; set "
+                             "kv_connector_extra_config.host_staging to auto or true")
+        if staging == "true" or (staging == "auto" and not on_host):
+            names = ordered_layer_names(kv_caches)
+            self.mirror = HostMirror({n: kv_caches[n] for n in names})
+            regions = self.mirror.host_regions(names)
+        else:
+            regions = ordered_kv_regions(kv_caches)
+        self.cache = PagedKVCache(layout, regions)
         tc = self.config.transport_config
         tc.port = self.config.base_port + self._tp_rank if self.config.is_producer else 0
         self.agent = KVAgent(self.cache, transport=self.config.transport, config=tc,
-                             name=f"{self.engine_id}-tp{self._tp_rank}")
+                             name=f"{self.engine_id}-tp{self._tp_rank}", host_mirror=self.mirror)
         address = self.agent.serve() if self.config.is_producer else None
         logger.info("KVBridgeConnector worker: %s transport, layout %s (%s), %d blocks x %d B "
-                    "x %d regions%s", self.config.transport, layout.fingerprint(),
+                    "x %d regions%s%s", self.config.transport, layout.fingerprint(),
                     layout.memory_layout, self.cache.num_blocks, layout.block_bytes,
-                    layout.num_regions, f", serving on {address}" if address else "")
+                    layout.num_regions, f", serving on {address}" if address else "",
+                    f", staged through a {self.mirror.nbytes / 2**30:.2f} GiB host mirror"
+                    if self.mirror else "")
+
+    def set_host_xfer_buffer_ops(self, copy_operation) -> None:
+        """vLLM's device<->host block copy. kvbridge's own kernel does this job
+        (one launch for every layer); vLLM's op is used when that kernel is
+        not built or cannot run here."""
+        if self.mirror is None or copy_operation is None:
+            return
+        on_gpu = any(t.device.type == "cuda" for t in self.mirror.device_kv_caches.values())
+        if on_gpu and not kernels.cuda_kernel_usable():
+            self.mirror.copy_op = copy_operation
+            logger.info("KVBridgeConnector: kvbridge's CUDA kernel is not available; host "
+                        "staging uses vLLM's block copy op")
+        else:
+            self.mirror.copy_op = copy_kv_blocks
 
     def handshake_metadata(self) -> KVBridgeHandshakeMetadata | None:
         if self.cache is None:
