@@ -50,11 +50,16 @@ class KVBridgeKVConnectorStats(KVConnectorStats):
             "Throughput (GB/s)": round(d.get("bytes_transferred", 0) / secs / 1e9, 3)
             if secs else 0,
             "Expired leases": d.get("num_expired_leases", 0),
+            **({"Host staging blocks d2h": d.get("staged_to_host", 0),
+                "Host staging blocks h2d": d.get("staged_to_device", 0),
+                "Host staging time (ms)": round(1e3 * d.get("staging_seconds", 0.0), 3)}
+               if d.get("staged_to_host") or d.get("staged_to_device") else {}),
         }
 
     def is_empty(self) -> bool:
         return not any(self.data.get(k) for k in ("num_transfers", "num_failed_transfers",
-                                                  "num_published", "num_expired_leases"))
+                                                  "num_published", "num_expired_leases",
+                                                  "staged_to_host", "staged_to_device"))
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.data)

@@ -59,6 +59,7 @@ class KVBridgeWorker:
         self._tp_rank = 0
         #: host mirror of a device KV cache (see config: host_staging)
         self.mirror: HostMirror | None = None
+        self._mirror_reported: tuple[int, int, float] = (0, 0, 0.0)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -189,6 +190,14 @@ class KVBridgeWorker:
         return errors
 
     def get_kv_connector_stats(self) -> KVBridgeKVConnectorStats | None:
+        if self.mirror is not None:
+            # The mirror counts since start; report what this interval added.
+            now = (self.mirror.blocks_to_host, self.mirror.blocks_to_device, self.mirror.seconds)
+            last = self._mirror_reported
+            self._stats.bump("staged_to_host", now[0] - last[0])
+            self._stats.bump("staged_to_device", now[1] - last[1])
+            self._stats.bump("staging_seconds", now[2] - last[2])
+            self._mirror_reported = now
         if self._stats.is_empty():
             return None
         out = KVBridgeKVConnectorStats(data=dict(self._stats.data))
