@@ -364,7 +364,9 @@ def test_behind_vllm_router_streaming_chat(servers):
         events = sse_events(lines)
         assert events[-1] == "[DONE]"
         assert stream_text(events) == want
-        assert len([e for e in events if e != "[DONE]" and e.get("choices")]) >= 12
+        # Streamed in pieces, not one blob (under load vLLM may merge a few
+        # tokens into one chunk, so not necessarily one chunk per token).
+        assert len([e for e in events if e != "[DONE]" and e.get("choices")]) >= 3
         after = decode_sources(d)
         assert after.get("local_compute", 0) == before.get("local_compute", 0)
         assert after["external_kv_transfer"] > before.get("external_kv_transfer", 0)

@@ -275,12 +275,26 @@ def test_unknown_request_id_is_a_clear_error(backend, producers, consumers):
     assert h.wait(30) == TransferState.DONE, h.error
 
 
+def sigstop(pid: int) -> None:
+    """Stop ``pid`` and wait until it is stopped: the signal is asynchronous,
+    and a producer still running on the other core served a pull sent right
+    after ``kill`` (seen once under load)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def test_producer_killed_mid_transfer_fails_fast_and_frees(backend, producers, consumers):
     prod = producers(backend)
     cons = consumers(backend, config_kw=dict(transfer_timeout_s=20))
     prod.publish("k", list(range(32)))
     cons.handshake(prod.address)
-    os.kill(prod.proc.pid, signal.SIGSTOP)  # the pull is sent but never granted
+    sigstop(prod.proc.pid)  # the pull is sent but never granted
     h = cons.pull(prod.address, "k", list(range(32)), list(range(32)))
     deadline = time.monotonic() + 5
     while h.state != TransferState.TRANSFERRING and time.monotonic() < deadline:
@@ -301,7 +315,7 @@ def test_hung_producer_times_out(backend, producers, consumers):
     cons = consumers(backend, config_kw=dict(transfer_timeout_s=1.5))
     prod.publish("h", [1])
     cons.handshake(prod.address)
-    os.kill(prod.proc.pid, signal.SIGSTOP)
+    sigstop(prod.proc.pid)
     t0 = time.monotonic()
     h = cons.pull(prod.address, "h", [1], [1])
     assert h.wait(15) == TransferState.FAILED

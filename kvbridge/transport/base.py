@@ -466,6 +466,7 @@ class Transport:
         #: makes them readable (e.g. ``HostMirror.to_host``); raising refuses
         #: the publish
         self.before_publish: Callable[[list[int]], None] | None = None
+        self._publish_lock = threading.Lock()
         #: consumer: called with a pull's local block ids once its bytes landed,
         #: before the handle is DONE (e.g. ``HostMirror.to_device``); raising
         #: fails the pull
@@ -503,9 +504,14 @@ class Transport:
         """Hold ``block_ids`` of ``request_id`` for a consumer to read; False if
         it is held already or has ended (idempotent)."""
         ids = self.cache.validate(block_ids, num_tokens)
-        if self.before_publish is not None and not self.leases.known(request_id):
-            self.before_publish(ids)
-        return self.leases.publish(request_id, ids, lease_s)
+        if self.before_publish is None:
+            return self.leases.publish(request_id, ids, lease_s)
+        # Serialized, so the scheduler's publish and the worker's of the same
+        # request (arriving together) copy the blocks once.
+        with self._publish_lock:
+            if not self.leases.known(request_id):
+                self.before_publish(ids)
+            return self.leases.publish(request_id, ids, lease_s)
 
     def release(self, request_id: str) -> bool:
         """Stop holding a request's blocks (abort); True if they were held."""
