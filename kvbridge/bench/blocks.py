@@ -93,6 +93,64 @@ def run(quick: bool = False, json_path: str | None = None, progress: bool = True
     print(f"\nlayers: {NUM_LAYERS}; block ids random, non-contiguous; memcpy = one-thread libc "
           f"memcpy of the same bytes; kernel threads: {kernels.NUM_THREADS} (cpu_kernel_1t: 1); "
           f"streaming stores from {fmt_bytes(kernels.STREAM_BYTES)}")
+    gpu = run_gpu(counts, quick, progress) if torch.cuda.is_available() else None
+    if gpu is not None:
+        text += "\n\n" + gpu["text"]
+    else:
+        print("\nno CUDA device: the CUDA kernel rows are skipped")
     write_results("blocks" + ("-quick" if quick else ""),
-                  {"paths": paths, "layers": NUM_LAYERS, "results": results}, text, json_path)
-    return {"results": results}
+                  {"paths": paths, "layers": NUM_LAYERS, "results": results,
+                   "gpu_results": gpu["results"] if gpu else None}, text, json_path)
+    return {"results": results, "gpu_results": gpu["results"] if gpu else None}
+
+
+def run_gpu(counts: list[int], quick: bool, progress: bool) -> dict:
+    """The CUDA kernel on a device cache: gather into device memory and into
+    pinned host memory, against a plain device copy (``copy_``) and a plain
+    device -> pinned copy of the same bytes in the same run."""
+    def timed(fn):
+        def call():
+            fn()
+            torch.cuda.synchronize()
+        return time_it(call, min_time=0.05 if quick else 0.2)
+
+    rng = random.Random(1)
+    rows, results = [], []
+    plan = [(s, n) for s in BLOCK_SHAPES for n in counts]
+    prog = Progress(len(plan), progress)
+    for shape, n in plan:
+        cache = make_cache(shape, max(2 * n, 4))
+        regions = [v.cuda() for v in cache.byte_views]
+        ids = rng.sample(range(cache.num_blocks), n)
+        nbytes = cache.staging_bytes(n)
+        dev_stage = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        host_stage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dev_src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        t_copy = timed(lambda: dev_stage.copy_(dev_src))
+        t_d2h = timed(lambda: host_stage.copy_(dev_src, non_blocking=True))
+        t_g = timed(lambda: kernels.gather(regions, ids, dev_stage))
+        t_s = timed(lambda: kernels.scatter(dev_stage, regions, ids))
+        t_gh = timed(lambda: kernels.gather(regions, ids, host_stage))
+        want = torch.stack([r[ids] for r in regions]).flatten()
+        kernels.gather(regions, ids, dev_stage)
+        torch.cuda.synchronize()
+        verified = bool(torch.equal(dev_stage, want))
+        gb = lambda t: nbytes / t / 1e9  # noqa: E731
+        entry = {"shape": shape, "blocks": n, "bytes": nbytes, "device_copy_gbps": gb(t_copy),
+                 "d2h_copy_gbps": gb(t_d2h), "gather_gbps": gb(t_g), "scatter_gbps": gb(t_s),
+                 "gather_to_pinned_gbps": gb(t_gh), "verified": verified,
+                 "gather_vs_device_copy": t_copy / t_g, "scatter_vs_device_copy": t_copy / t_s,
+                 "gather_to_pinned_vs_d2h": t_d2h / t_gh}
+        results.append(entry)
+        rows.append([shape, n, fmt_bytes(nbytes), f"{gb(t_copy):.1f}",
+                     f"{gb(t_g):.1f} ({t_copy / t_g:.2f}x)", f"{gb(t_s):.1f} ({t_copy / t_s:.2f}x)",
+                     f"{gb(t_d2h):.1f}", f"{gb(t_gh):.1f} ({t_d2h / t_gh:.2f}x)",
+                     "yes" if verified else "NO"])
+        prog.step(f"cuda {shape} x {n} blocks")
+    text = table(["block", "blocks", "bytes", "device copy GB/s", "cuda gather GB/s",
+                  "cuda scatter GB/s", "d2h copy GB/s", "cuda gather->pinned GB/s", "verified"],
+                 rows)
+    text += (f"\n\n{torch.cuda.get_device_name()}: device copy = one copy_ of the same bytes; "
+             "d2h copy = one copy_ into pinned host memory")
+    print("\n" + text)
+    return {"results": results, "text": text}
