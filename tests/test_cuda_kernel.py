@@ -106,3 +106,110 @@ def test_host_mirror_of_a_kv_split_gpu_cache_is_byte_exact():
     mirror.to_device(ids)
     for t in device.values():
         assert bool((t[:, ids] == 1.0).all())
+
+
+# ----------------------------------------------------------- without a GPU
+# The kernel's device code and launch plan compiled for the host, every grid
+# position run in turn (helpers/cuda_grid_emu.cpp): the addressing, the
+# vector/byte choice and the grid-stride coverage are checked everywhere.
+
+@pytest.fixture(scope="module")
+def grid_emu(tmp_path_factory):
+    import os
+    import subprocess
+
+    from conftest import HELPERS
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        if os.environ.get("KVBRIDGE_REQUIRE_KERNELS") == "1":
+            pytest.fail("no C++ compiler, and KVBRIDGE_REQUIRE_KERNELS=1")
+        pytest.skip("no C++ compiler")
+    out = tmp_path_factory.mktemp("emu") / "cuda_grid_emu.so"
+    subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC",
+                    str(HELPERS / "cuda_grid_emu.cpp"), "-o", str(out)], check=True)
+    lib = ctypes.CDLL(str(out))
+    P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.emu_gather.argtypes = [P, I, I, I, P, I, P, C]
+    lib.emu_scatter.argtypes = [P, I, I, I, P, I, P, C]
+    lib.emu_copy_blocks.argtypes = [P, I, P, P, I, P, I, I, I, C]
+    return lib
+
+
+class _Paged:
+    """num_regions buffers of num_blocks blocks, ``stride`` bytes apart, at a
+    base ``offset`` bytes into each allocation (0 keeps 16-byte alignment)."""
+
+    def __init__(self, num_regions, num_blocks, block_bytes, stride, offset, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.bufs = [torch.randint(0, 256, (offset + num_blocks * stride + 16,),
+                                   dtype=torch.uint8, generator=g) for _ in range(num_regions)]
+        self.offset, self.stride, self.block_bytes = offset, stride, block_bytes
+        self.ptrs = (ctypes.c_void_p * num_regions)(*(b.data_ptr() + offset for b in self.bufs))
+
+    def block(self, r, i):
+        start = self.offset + i * self.stride
+        return self.bufs[r][start:start + self.block_bytes]
+
+    def snapshot(self):
+        return [b.clone() for b in self.bufs]
+
+
+def _ids(ids):
+    return (ctypes.c_int64 * max(1, len(ids)))(*ids)
+
+
+@pytest.mark.parametrize("num_regions,num_blocks,n,block_bytes,pad,offset", [
+    (3, 16, 5, 65536, 0, 0),      # vector path, several x-blocks per block
+    (2, 4, 2, 524288, 16, 0),     # gx capped at 64: the x loop strides
+    (2, 40000, 40000, 16, 0, 0),  # 80,000 pairs: gy capped at 65535, the y loop strides
+    (2, 12, 7, 48, 16, 8),        # unaligned base: byte path
+    (1, 9, 9, 17, 3, 0),          # odd block size: byte path
+])
+def test_emulated_cuda_kernel_byte_exact(grid_emu, num_regions, num_blocks, n, block_bytes,
+                                         pad, offset):
+    rng = random.Random(n * 31 + block_bytes)
+    stride = block_bytes + pad
+    src = _Paged(num_regions, num_blocks, block_bytes, stride, offset, 1)
+    src_ids = rng.sample(range(num_blocks), n)
+    staging = torch.zeros(num_regions * n * block_bytes, dtype=torch.uint8)
+    aligned = int(offset % 16 == 0)
+    path = grid_emu.emu_gather(src.ptrs, num_regions, stride, block_bytes, _ids(src_ids), n,
+                               staging.data_ptr(), aligned)
+    expect_vec = aligned and block_bytes % 16 == 0 and stride % 16 == 0
+    assert path == (1 if expect_vec else 2)
+    want = torch.cat([src.block(r, i) for r in range(num_regions) for i in src_ids])
+    assert torch.equal(staging, want)
+
+    dst = _Paged(num_regions, num_blocks, block_bytes, stride, offset, 2)
+    before = dst.snapshot()
+    dst_ids = rng.sample(range(num_blocks), n)
+    grid_emu.emu_scatter(dst.ptrs, num_regions, stride, block_bytes, _ids(dst_ids), n,
+                         staging.data_ptr(), aligned)
+    _check_blocks(src, src_ids, dst, dst_ids, before, num_regions, num_blocks)
+
+    # Block to block (device cache <-> host mirror), strides differing per side.
+    mirror = _Paged(num_regions, num_blocks, block_bytes, block_bytes + 2 * pad, offset, 3)
+    before = mirror.snapshot()
+    grid_emu.emu_copy_blocks(src.ptrs, stride, _ids(src_ids), mirror.ptrs, block_bytes + 2 * pad,
+                             _ids(dst_ids), num_regions, block_bytes, n, aligned)
+    _check_blocks(src, src_ids, mirror, dst_ids, before, num_regions, num_blocks)
+
+
+def _check_blocks(src, src_ids, dst, dst_ids, before, num_regions, num_blocks):
+    """dst holds src's blocks at dst_ids; every other byte is as it was."""
+    for r in range(num_regions):
+        expected = before[r].clone()
+        for s, d in zip(src_ids, dst_ids):
+            start = dst.offset + d * dst.stride
+            expected[start:start + dst.block_bytes] = src.block(r, s)
+        assert torch.equal(dst.bufs[r], expected), f"region {r}"
+
+
+def test_emulated_cuda_kernel_refuses_bad_arguments(grid_emu):
+    buf = torch.zeros(64, dtype=torch.uint8)
+    ptrs = (ctypes.c_void_p * 1)(buf.data_ptr())
+    # stride smaller than the block: blocks would overlap
+    assert grid_emu.emu_gather(ptrs, 1, 8, 16, _ids([0]), 1, buf.data_ptr(), 1) == -1
+    assert grid_emu.emu_gather(ptrs, 1, 16, 0, _ids([0]), 1, buf.data_ptr(), 1) == -1
+    assert grid_emu.emu_gather(ptrs, 1, 16, 16, _ids([]), 0, buf.data_ptr(), 1) == 0

@@ -20,64 +20,27 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#define KVB_DEVICE __device__ __forceinline__
+#define KVB_GLOBAL __global__
+#include "kvb_copy_kernel.cuh"
+
 namespace {
 
-// One side of a copy: paged blocks (regions[r] + ids[i] * stride; regions and
-// ids are device arrays) or, when regions is null, the contiguous region-major
-// staging buffer (staging + (r * n + i) * block_bytes).
-struct Side {
-  uint8_t* const* regions;
-  int64_t stride;
-  const int64_t* ids;
-  uint8_t* staging;
-
-  __device__ __forceinline__ uint8_t* at(int64_t r, int64_t i, int64_t n,
-                                         int64_t block_bytes) const {
-    return regions ? regions[r] + ids[i] * stride : staging + (r * n + i) * block_bytes;
-  }
-};
-
-template <bool kVec>
-__global__ void copy_blocks_kernel(Side src, Side dst, int64_t block_bytes, int64_t n,
-                                   int64_t pairs) {
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  // grid.y strides over (region, block) pairs: any count fits one launch.
-  for (int64_t pair = blockIdx.y; pair < pairs; pair += gridDim.y) {
-    const int64_t r = pair / n, i = pair % n;
-    uint8_t* d = dst.at(r, i, n, block_bytes);
-    const uint8_t* s = src.at(r, i, n, block_bytes);
-    if (kVec) {
-      const int64_t words = block_bytes / 16;
-      uint4* dv = reinterpret_cast<uint4*>(d);
-      const uint4* sv = reinterpret_cast<const uint4*>(s);
-      for (int64_t w = tid; w < words; w += step) dv[w] = sv[w];
-    } else {
-      for (int64_t b = tid; b < block_bytes; b += step) d[b] = s[b];
-    }
-  }
-}
+using kvb::Side;
 
 int launch(const Side& src, const Side& dst, int64_t num_regions, int64_t block_bytes,
            int64_t n, bool aligned, cudaStream_t stream) {
   if (n <= 0 || num_regions <= 0) return 0;
-  if (block_bytes <= 0 || (src.regions && src.stride < block_bytes) ||
-      (dst.regions && dst.stride < block_bytes))
-    return -1;
+  if (kvb::bad_args(src, dst, block_bytes)) return -1;
   const int64_t pairs = num_regions * n;
-  const unsigned gy = static_cast<unsigned>(pairs < 65535 ? pairs : 65535);
-  // aligned: the caller checked every base pointer; strides and size decide the rest.
-  const bool vec = aligned && block_bytes % 16 == 0 && src.stride % 16 == 0 &&
-                   dst.stride % 16 == 0;
-  const int64_t units = vec ? block_bytes / 16 : block_bytes;
-  const int threads = 256;
-  unsigned gx = static_cast<unsigned>((units + threads - 1) / threads);
-  if (gx > 64) gx = 64;
-  dim3 grid(gx, gy, 1);
-  if (vec)
-    copy_blocks_kernel<true><<<grid, threads, 0, stream>>>(src, dst, block_bytes, n, pairs);
+  const kvb::LaunchPlan p = kvb::plan_launch(pairs, block_bytes, aligned, src.stride, dst.stride);
+  dim3 grid(p.gx, p.gy, 1);
+  if (p.vec)
+    kvb::copy_blocks_kernel<true><<<grid, p.threads, 0, stream>>>(src, dst, block_bytes, n,
+                                                                  pairs);
   else
-    copy_blocks_kernel<false><<<grid, threads, 0, stream>>>(src, dst, block_bytes, n, pairs);
+    kvb::copy_blocks_kernel<false><<<grid, p.threads, 0, stream>>>(src, dst, block_bytes, n,
+                                                                   pairs);
   return cudaGetLastError() == cudaSuccess ? 0 : -3;
 }
 
