@@ -364,9 +364,11 @@ def test_behind_vllm_router_streaming_chat(servers):
         events = sse_events(lines)
         assert events[-1] == "[DONE]"
         assert stream_text(events) == want
-        # Streamed in pieces, not one blob (under load vLLM may merge a few
-        # tokens into one chunk, so not necessarily one chunk per token).
-        assert len([e for e in events if e != "[DONE]" and e.get("choices")]) >= 3
+        # How many chunks is up to timing: vLLM merges the tokens a slow reader
+        # has not taken yet into one delta, and behind vllm-router 12 tokens
+        # came in as few as 2 chunks (kvbridge proxy's own streaming is checked
+        # token by token in test_streaming_token_by_token).
+        assert [e for e in events if e != "[DONE]" and e.get("choices")]
         after = decode_sources(d)
         assert after.get("local_compute", 0) == before.get("local_compute", 0)
         assert after["external_kv_transfer"] > before.get("external_kv_transfer", 0)
