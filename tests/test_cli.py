@@ -66,3 +66,5 @@ def test_bench_transport_small_run_verifies_every_byte(tmp_path):
     assert {"tcp", "cma", "memcpy", "socket"} <= backends
     assert all(r["verified"] for r in rows if r["backend"] in ("tcp", "cma"))
     assert all(r["gbps"] > 0 and r["latency_us"] > 0 for r in rows)
+    assert all(r["handshake_ms"] > 0 for r in rows if r["backend"] in ("tcp", "cma"))
+    assert "handshake (connect, authenticate, compare layouts" in proc.stdout

@@ -162,10 +162,12 @@ def check_pair(p, d, colocated, prompt_lens):
     per_block = layout["num_layers"] * layout["regions_per_layer"] * layout["block_bytes"]
     assert t["metrics"]["bytes_pulled"] == blocks * per_block
     assert t["metrics"]["transfers_done"] == len(PROMPTS)
-    # One handshake per peer, cached; tcp/cma well under 50 ms here.
+    # One handshake per peer, cached. Its time is a benchmark figure (`kvbridge
+    # bench transport` prints it); here only a bound far from NixlConnector's
+    # ~2 s hot-path handshake, which CI load cannot reach (it took 55 ms once).
     assert t["metrics"]["handshakes"] == 1
     if t["metrics"]["transport"] in ("tcp", "cma"):
-        assert t["metrics"]["handshake_seconds"] < 0.05, t["metrics"]
+        assert t["metrics"]["handshake_seconds"] < 0.5, t["metrics"]
     # The producer frees every block once read (after its next engine step).
     assert p.call(cmd="step", n=3)["free"] == free_before
 

@@ -555,6 +555,11 @@ def bench_backend(backend: str, cases: list[Case], blocks: dict[str, int],
                         res = _result(backend, case, None, False, f"{type(e).__name__}: {e}")
                     results.append(res)
                     prog.step(_label(backend, case, res))
+                # The warm-up pull connected and checked layouts once per peer.
+                m = transport.metrics()
+                if m.get("handshakes"):
+                    for res in results[-len(shape_cases):]:
+                        res["handshake_ms"] = 1e3 * m["handshake_seconds"] / m["handshakes"]
             finally:
                 transport.close()
     finally:
@@ -771,6 +776,13 @@ def render(cases: list[Case], series: list[str], backends: list[str], results: l
         rows.append(row)
     main = table(["bytes", "block", "blocks", *[f"{s} GB/s (us)" for s in series],
                   "verified"], rows)
+    handshakes = {}
+    for r in results:
+        if r.get("handshake_ms") is not None:
+            handshakes.setdefault(r["backend"], []).append(r["handshake_ms"])
+    if handshakes:
+        main += "\n\nhandshake (connect, authenticate, compare layouts; once per peer), ms: " + \
+            ", ".join(f"{b} {min(v):.1f}-{max(v):.1f}" for b, v in handshakes.items())
     baselines = [b for b in BASELINES if b in series]
     if not baselines:
         return main
