@@ -35,6 +35,25 @@ def test_cuda_library_matches_this_version():
         assert hasattr(lib, name), name
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_standalone_gpu_check_compiles(tmp_path):
+    """scripts/gpu-check.sh's program (byte-exactness and GB/s on a GPU, no
+    torch needed) must build wherever the kernel does; without a GPU it exits
+    2 with the CUDA error, never 0."""
+    import subprocess
+
+    from conftest import HELPERS
+
+    root = HELPERS.parent.parent
+    exe = tmp_path / "kvb_cuda_check"
+    subprocess.run([shutil.which("nvcc"), "-O3", "-std=c++17", "-arch=sm_90",
+                    str(root / "csrc/cuda/check/kvb_cuda_check.cu"),
+                    str(root / "csrc/cuda/kvb_copy.cu"), "-o", str(exe)], check=True)
+    if not torch.cuda.is_available():
+        proc = subprocess.run([str(exe), "--quick"], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+
+
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_bytes,num_blocks,n", [(65536, 64, 40), (524288, 32, 32),
