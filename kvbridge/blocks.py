@@ -339,7 +339,9 @@ class HostMirror:
             raise ValueError("no KV tensors to mirror")
         pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.device_kv_caches = dict(device_kv_caches)
-        self.host_kv_caches = {name: torch.zeros(t.shape, dtype=t.dtype, device="cpu",
+        # Not zeroed: a block is only ever read after a copy wrote it, and
+        # zeroing a mirror of a large GPU cache costs seconds at start-up.
+        self.host_kv_caches = {name: torch.empty(t.shape, dtype=t.dtype, device="cpu",
                                                  pin_memory=pin)
                                for name, t in self.device_kv_caches.items()}
         self.copy_op = copy_op or copy_kv_blocks

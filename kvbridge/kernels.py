@@ -123,6 +123,11 @@ def cuda_copy(regions: Sequence[torch.Tensor], ids: Sequence[int], staging: torc
     stride = regions[0].stride(0)
     if any(r.stride(0) != stride for r in regions):
         raise ValueError("all regions need the same block stride")
+    with torch.cuda.device(dev):  # the launch needs the caches' device current
+        _cuda_copy_on(lib, regions, ids, staging, gather, stream, dev, stride)
+
+
+def _cuda_copy_on(lib, regions, ids, staging, gather, stream, dev, stride) -> None:
     stream = stream or torch.cuda.current_stream(dev)
     with torch.cuda.stream(stream):
         ptrs = torch.tensor([r.data_ptr() for r in regions], dtype=torch.int64).to(
@@ -293,6 +298,13 @@ def copy_blocks(src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor], src_id
 
 
 def _cuda_copy_blocks(lib, src, dst, src_ids, dst_ids, device, stream) -> None:
+    # The calling thread's current device may be another GPU (transport
+    # threads start on device 0): launch with the caches' device current.
+    with torch.cuda.device(device):
+        _cuda_copy_blocks_on(lib, src, dst, src_ids, dst_ids, device, stream)
+
+
+def _cuda_copy_blocks_on(lib, src, dst, src_ids, dst_ids, device, stream) -> None:
     s_stride, d_stride = src[0].stride(0), dst[0].stride(0)
     if any(t.stride(0) != s_stride for t in src) or any(t.stride(0) != d_stride for t in dst):
         raise ValueError("all regions of a side need the same block stride")
