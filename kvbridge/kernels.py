@@ -48,15 +48,25 @@ def _load(name: str) -> ctypes.CDLL | None:
         return None
 
 
-def _load_cpu() -> ctypes.CDLL | None:
-    lib = _load(CPU_LIB_NAME)
+def _load_checked(name: str, version_fn: str, want: int) -> ctypes.CDLL | None:
+    """The library if it is built and has C ABI ``want``; a stale build (an
+    older ABI, called with the wrong arguments, would corrupt memory) is
+    ignored with a warning and torch copies are used instead."""
+    lib = _load(name)
     if lib is None:
         return None
-    version = lib.kvb_abi_version() if hasattr(lib, "kvb_abi_version") else 0
-    if version != CPU_ABI_VERSION:
+    version = getattr(lib, version_fn)() if hasattr(lib, version_fn) else 0
+    if version != want:
         logging.getLogger("kvbridge").warning(
             "kvbridge: %s has C ABI %d, this version needs %d (a stale build: reinstall "
-            "kvbridge); using the torch copy path", CPU_LIB_NAME, version, CPU_ABI_VERSION)
+            "kvbridge); using torch copies instead", name, version, want)
+        return None
+    return lib
+
+
+def _load_cpu() -> ctypes.CDLL | None:
+    lib = _load_checked(CPU_LIB_NAME, "kvb_abi_version", CPU_ABI_VERSION)
+    if lib is None:
         return None
     for fn in (lib.kvb_gather, lib.kvb_scatter):
         fn.restype = ctypes.c_int
@@ -90,13 +100,7 @@ def _load_cuda():
     """The CUDA library, loaded on first use (loading needs the CUDA runtime)."""
     global _cuda_lib
     if _cuda_lib is None and cuda_kernel_built() and torch.cuda.is_available():
-        lib = _load(CUDA_LIB_NAME)
-        if lib is not None and lib.kvb_cuda_abi_version() != CUDA_ABI_VERSION:
-            logging.getLogger("kvbridge").warning(
-                "kvbridge: %s has C ABI %d, this version needs %d (a stale build: reinstall "
-                "kvbridge); using torch copies on the GPU", CUDA_LIB_NAME,
-                lib.kvb_cuda_abi_version(), CUDA_ABI_VERSION)
-            lib = None
+        lib = _load_checked(CUDA_LIB_NAME, "kvb_cuda_abi_version", CUDA_ABI_VERSION)
         if lib is not None:
             for fn in (lib.kvb_cuda_gather, lib.kvb_cuda_scatter):
                 fn.restype = ctypes.c_int
@@ -112,6 +116,12 @@ def _load_cuda():
     return _cuda_lib or None
 
 
+def _upload_int64(values: list[int], device: torch.device) -> torch.Tensor:
+    """Small int64 arrays (pointers, block ids) onto ``device`` on the current
+    stream, through pinned memory so the upload does not block the host."""
+    return torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+
+
 def cuda_copy(regions: Sequence[torch.Tensor], ids: Sequence[int], staging: torch.Tensor,
               gather: bool, stream=None) -> None:
     """One CUDA launch for every region and block; staging is device or pinned
@@ -123,25 +133,22 @@ def cuda_copy(regions: Sequence[torch.Tensor], ids: Sequence[int], staging: torc
     stride = regions[0].stride(0)
     if any(r.stride(0) != stride for r in regions):
         raise ValueError("all regions need the same block stride")
-    with torch.cuda.device(dev):  # the launch needs the caches' device current
-        _cuda_copy_on(lib, regions, ids, staging, gather, stream, dev, stride)
-
-
-def _cuda_copy_on(lib, regions, ids, staging, gather, stream, dev, stride) -> None:
-    stream = stream or torch.cuda.current_stream(dev)
-    with torch.cuda.stream(stream):
-        ptrs = torch.tensor([r.data_ptr() for r in regions], dtype=torch.int64).to(
-            dev, non_blocking=True)
-        d_ids = torch.tensor(list(ids), dtype=torch.int64).to(dev, non_blocking=True)
-    aligned = all(p % 16 == 0 for p in [staging.data_ptr(), *(r.data_ptr() for r in regions)])
-    fn = lib.kvb_cuda_gather if gather else lib.kvb_cuda_scatter
-    rc = fn(ptrs.data_ptr(), len(regions), stride, regions[0].shape[1], d_ids.data_ptr(),
-            len(ids), staging.data_ptr(), int(aligned), ctypes.c_void_p(stream.cuda_stream))
+    # The calling thread's current device may be another GPU (transport threads
+    # start on device 0): launch with the caches' device current.
+    with torch.cuda.device(dev):
+        stream = stream or torch.cuda.current_stream(dev)
+        with torch.cuda.stream(stream):
+            table = _upload_int64([*(r.data_ptr() for r in regions), *ids], dev)
+        aligned = all(p % 16 == 0 for p in [staging.data_ptr(),
+                                            *(r.data_ptr() for r in regions)])
+        fn = lib.kvb_cuda_gather if gather else lib.kvb_cuda_scatter
+        rc = fn(table.data_ptr(), len(regions), stride, regions[0].shape[1],
+                table.data_ptr() + 8 * len(regions), len(ids), staging.data_ptr(),
+                int(aligned), ctypes.c_void_p(stream.cuda_stream))
     if rc != 0:
         raise RuntimeError(f"kvbridge CUDA copy failed with {rc}")
-    # Keep the uploaded arrays alive until the kernel has run.
-    ptrs.record_stream(stream)
-    d_ids.record_stream(stream)
+    # Keep the uploaded table alive until the kernel has run.
+    table.record_stream(stream)
 
 
 def cuda_kernel_usable() -> bool:
@@ -298,30 +305,21 @@ def copy_blocks(src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor], src_id
 
 
 def _cuda_copy_blocks(lib, src, dst, src_ids, dst_ids, device, stream) -> None:
-    # The calling thread's current device may be another GPU (transport
-    # threads start on device 0): launch with the caches' device current.
-    with torch.cuda.device(device):
-        _cuda_copy_blocks_on(lib, src, dst, src_ids, dst_ids, device, stream)
-
-
-def _cuda_copy_blocks_on(lib, src, dst, src_ids, dst_ids, device, stream) -> None:
     s_stride, d_stride = src[0].stride(0), dst[0].stride(0)
     if any(t.stride(0) != s_stride for t in src) or any(t.stride(0) != d_stride for t in dst):
         raise ValueError("all regions of a side need the same block stride")
-    stream = stream or torch.cuda.current_stream(device)
-    with torch.cuda.stream(stream):
-        # One upload of the four small arrays; pinned so the copy is truly async.
-        table = torch.tensor([*(t.data_ptr() for t in src), *(t.data_ptr() for t in dst),
-                              *src_ids, *dst_ids], dtype=torch.int64).pin_memory()
-        d_table = table.to(device, non_blocking=True)
-    n_r, n = len(src), len(src_ids)
-    base, item = d_table.data_ptr(), 8
-    aligned = all(t.data_ptr() % 16 == 0 for t in (*src, *dst))
-    rc = lib.kvb_cuda_copy_blocks(base, s_stride, base + item * 2 * n_r,
-                                  base + item * n_r, d_stride, base + item * (2 * n_r + n),
-                                  n_r, src[0].shape[1], n, int(aligned),
-                                  ctypes.c_void_p(stream.cuda_stream))
-    if rc != 0:
-        raise RuntimeError(f"kvbridge CUDA copy_blocks failed with {rc}")
-    # Synchronous contract: the host side is read or written by the time we return.
-    stream.synchronize()
+    with torch.cuda.device(device):  # see cuda_copy
+        stream = stream or torch.cuda.current_stream(device)
+        with torch.cuda.stream(stream):
+            table = _upload_int64([*(t.data_ptr() for t in src), *(t.data_ptr() for t in dst),
+                                   *src_ids, *dst_ids], device)
+        n_r, n, base = len(src), len(src_ids), table.data_ptr()
+        aligned = all(t.data_ptr() % 16 == 0 for t in (*src, *dst))
+        rc = lib.kvb_cuda_copy_blocks(base, s_stride, base + 8 * 2 * n_r,
+                                      base + 8 * n_r, d_stride, base + 8 * (2 * n_r + n),
+                                      n_r, src[0].shape[1], n, int(aligned),
+                                      ctypes.c_void_p(stream.cuda_stream))
+        if rc != 0:
+            raise RuntimeError(f"kvbridge CUDA copy_blocks failed with {rc}")
+        # Synchronous contract: the host side is read or written by the time we return.
+        stream.synchronize()
