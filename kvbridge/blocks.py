@@ -272,6 +272,48 @@ def _block_bytes_of(region: torch.Tensor) -> int:
     return region[0].numel() * region.element_size()
 
 
+class KVCopyPlan:
+    """Block-to-block copies between two sets of per-layer KV tensors, with the
+    byte views built once: building them costs ~10 us per region, ~0.5 ms for
+    a 32-layer model, more than copying one block. ``HostMirror`` keeps one
+    plan per direction.
+
+    Args:
+        src_kv_caches, dst_kv_caches: layer name -> KV tensor, the same layers
+            with the same block size on both sides.
+    """
+
+    def __init__(self, src_kv_caches: dict[str, torch.Tensor],
+                 dst_kv_caches: dict[str, torch.Tensor]):
+        if src_kv_caches.keys() != dst_kv_caches.keys():
+            raise ValueError("source and destination caches name different layers")
+        # The kernels take one stride and block size per side: group regions by them.
+        groups: dict[tuple[int, int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for name, src in src_kv_caches.items():
+            for s, d in zip(kv_block_regions(src), kv_block_regions(dst_kv_caches[name]),
+                            strict=True):
+                nbytes = _block_bytes_of(s)
+                if _block_bytes_of(d) != nbytes or s.shape[0] <= 0:
+                    raise ValueError(f"layer {name}: blocks of {nbytes} and "
+                                     f"{_block_bytes_of(d)} bytes")
+                sv, dv = _as_block_bytes(s, nbytes), _as_block_bytes(d, nbytes)
+                srcs, dsts = groups.setdefault((nbytes, sv.stride(0), dv.stride(0)), ([], []))
+                srcs.append(sv)
+                dsts.append(dv)
+        self._groups = list(groups.values())
+
+    def run(self, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> None:
+        """``dst[layer][dst_block_ids[i]] = src[layer][src_block_ids[i]]``; synchronous."""
+        if len(src_block_ids) != len(dst_block_ids):
+            raise ValueError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} "
+                             "destination blocks")
+        if not src_block_ids:
+            return
+        src_ids, dst_ids = list(src_block_ids), list(dst_block_ids)
+        for srcs, dsts in self._groups:
+            kernels.copy_blocks(srcs, dsts, src_ids, dst_ids)
+
+
 def copy_kv_blocks(src_kv_caches: dict[str, torch.Tensor], dst_kv_caches: dict[str, torch.Tensor],
                    src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
                    direction: str | None = None) -> None:
@@ -282,31 +324,15 @@ def copy_kv_blocks(src_kv_caches: dict[str, torch.Tensor], dst_kv_caches: dict[s
     layer and block when either side is in GPU memory (the host side must be
     pinned), the CPU kernel when both are in host memory. Synchronous: the
     blocks are in place when it returns. ``direction`` (``"h2d"``/``"d2h"``)
-    is accepted for the signature; the tensors' devices decide.
+    is accepted for the signature; the tensors' devices decide. Repeated
+    copies between the same tensors should hold a ``KVCopyPlan`` instead.
     """
     del direction
     if len(src_block_ids) != len(dst_block_ids):
         raise ValueError(f"{len(src_block_ids)} source blocks for {len(dst_block_ids)} "
                          "destination blocks")
-    if not src_block_ids:
-        return
-    if src_kv_caches.keys() != dst_kv_caches.keys():
-        raise ValueError("source and destination caches name different layers")
-    # The kernels take one stride and block size per side: group regions by them.
-    groups: dict[tuple[int, int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    for name, src in src_kv_caches.items():
-        for s, d in zip(kv_block_regions(src), kv_block_regions(dst_kv_caches[name]), strict=True):
-            nbytes = _block_bytes_of(s)
-            if _block_bytes_of(d) != nbytes or s.shape[0] <= 0:
-                raise ValueError(f"layer {name}: blocks of {nbytes} and {_block_bytes_of(d)} "
-                                 "bytes")
-            sv, dv = _as_block_bytes(s, nbytes), _as_block_bytes(d, nbytes)
-            srcs, dsts = groups.setdefault((nbytes, sv.stride(0), dv.stride(0)), ([], []))
-            srcs.append(sv)
-            dsts.append(dv)
-    src_ids, dst_ids = list(src_block_ids), list(dst_block_ids)
-    for srcs, dsts in groups.values():
-        kernels.copy_blocks(srcs, dsts, src_ids, dst_ids)
+    if src_block_ids:
+        KVCopyPlan(src_kv_caches, dst_kv_caches).run(src_block_ids, dst_block_ids)
 
 
 class HostMirror:
@@ -328,8 +354,9 @@ class HostMirror:
     Args:
         device_kv_caches: layer name -> the engine's KV tensor (dim 0 the block
             index, or ``[2, num_blocks, ...]`` K/V-split).
-        copy_op: ``CopyBlocksOp`` to use (default ``copy_kv_blocks``: the csrc
-            kernels); vLLM's own op can be passed instead.
+        copy_op: a ``CopyBlocksOp`` to use instead of kvbridge's kernels
+            (e.g. vLLM's own op); ``None``: the csrc kernels, through a
+            ``KVCopyPlan`` per direction made once.
         pin_memory: ``None`` means "pin if CUDA is available".
     """
 
@@ -344,7 +371,9 @@ class HostMirror:
         self.host_kv_caches = {name: torch.empty(t.shape, dtype=t.dtype, device="cpu",
                                                  pin_memory=pin)
                                for name, t in self.device_kv_caches.items()}
-        self.copy_op = copy_op or copy_kv_blocks
+        self.copy_op = copy_op
+        self._plans = {"d2h": KVCopyPlan(self.device_kv_caches, self.host_kv_caches),
+                       "h2d": KVCopyPlan(self.host_kv_caches, self.device_kv_caches)}
         #: blocks copied each way (a block counts once for all its layers)
         self.blocks_to_host = 0
         self.blocks_to_device = 0
@@ -374,7 +403,10 @@ class HostMirror:
         if not ids:
             return
         t0 = time.perf_counter()
-        self.copy_op(src, dst, ids, ids, direction)
+        if self.copy_op is None:
+            self._plans[direction].run(ids, ids)
+        else:
+            self.copy_op(src, dst, ids, ids, direction)
         with self._lock:
             self.seconds += time.perf_counter() - t0
             if direction == "d2h":

@@ -22,7 +22,7 @@ from vllm.logger import init_logger
 
 from kvbridge import kernels
 from kvbridge.agent import KVAgent
-from kvbridge.blocks import HostMirror, PagedKVCache, copy_kv_blocks
+from kvbridge.blocks import HostMirror, PagedKVCache
 from kvbridge.transport import TransferHandle, TransferState
 from kvbridge.vllm.config import KVBridgeConfig
 from kvbridge.vllm.metadata import (
@@ -108,7 +108,7 @@ class KVBridgeWorker:
             logger.info("KVBridgeConnector: kvbridge's CUDA kernel is not available; host "
                         "staging uses vLLM's block copy op")
         else:
-            self.mirror.copy_op = copy_kv_blocks
+            self.mirror.copy_op = None  # kvbridge's kernels
 
     def handshake_metadata(self) -> KVBridgeHandshakeMetadata | None:
         if self.cache is None:
