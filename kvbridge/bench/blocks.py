@@ -5,7 +5,9 @@ For each block shape (the tiny model's and a Llama-8B-sized one) and block
 count, it exports (gathers) and imports (scatters) randomly chosen,
 non-contiguous block ids of a 2-layer paged cache, through every available copy
 path (compiled CPU kernel, torch ops), and times a one-thread libc ``memcpy`` of
-the same number of bytes in the same run. Ratios are to that memcpy.
+the same number of bytes in the same run. Ratios are to that memcpy. It also
+times the block-to-block copy into a second cache (``copy_blocks``, what a
+host mirror's staging runs) and, on a GPU, the CUDA kernel (``run_gpu``).
 """
 
 from __future__ import annotations
@@ -76,10 +78,22 @@ def run(quick: bool = False, json_path: str | None = None, progress: bool = True
             entry[path] = {"gather_gbps": g, "scatter_gbps": s,
                            "gather_vs_memcpy": g / memcpy_gbps, "scatter_vs_memcpy": s / memcpy_gbps}
             row += [f"{g:.2f} ({g / memcpy_gbps:.2f}x)", f"{s:.2f} ({s / memcpy_gbps:.2f}x)"]
+        if kernels.cpu_kernel_available():
+            # Block to block into a second cache (a host mirror's copy): the
+            # path host staging takes, here host to host.
+            mirror = [torch.empty_like(v) for v in cache.byte_views]
+            t_c = time_it(lambda: kernels.copy_blocks(cache.byte_views, mirror, ids, ids),
+                          min_time=min_time)
+            c = nbytes / t_c / 1e9
+            entry["copy_blocks"] = {"gbps": c, "vs_memcpy": c / memcpy_gbps,
+                                    "verified": all(torch.equal(m[ids], v[ids]) for m, v in
+                                                    zip(mirror, cache.byte_views))}
+            row.append(f"{c:.2f} ({c / memcpy_gbps:.2f}x)")
         # Correctness in the benchmark too: a round trip must reproduce the blocks.
         out = cache.export_blocks(ids)
         ref = torch.stack([v[ids] for v in cache.byte_views]).flatten()
-        entry["verified"] = bool(torch.equal(out, ref))
+        entry["verified"] = bool(torch.equal(out, ref)) and entry.get(
+            "copy_blocks", {}).get("verified", True)
         cache.pool.release(out)
         results.append(entry)
         rows.append(row + ["yes" if entry["verified"] else "NO"])
@@ -87,12 +101,15 @@ def run(quick: bool = False, json_path: str | None = None, progress: bool = True
     headers = ["block", "blocks", "bytes", "memcpy GB/s"]
     for path in paths:
         headers += [f"{path} gather GB/s", f"{path} scatter GB/s"]
+    if kernels.cpu_kernel_available():
+        headers.append("copy_blocks GB/s")
     headers.append("verified")
     text = table(headers, rows)
     print(text)
     print(f"\nlayers: {NUM_LAYERS}; block ids random, non-contiguous; memcpy = one-thread libc "
           f"memcpy of the same bytes; kernel threads: {kernels.NUM_THREADS} (cpu_kernel_1t: 1); "
-          f"streaming stores from {fmt_bytes(kernels.STREAM_BYTES)}")
+          f"streaming stores from {fmt_bytes(kernels.STREAM_BYTES)}; copy_blocks = block to block "
+          "into a second cache (host staging's copy), CPU kernel")
     gpu = run_gpu(counts, quick, progress) if torch.cuda.is_available() else None
     if gpu is not None:
         text += "\n\n" + gpu["text"]
