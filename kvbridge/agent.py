@@ -46,6 +46,9 @@ class KVTicket(msgspec.Struct, frozen=True):
     num_tokens: int | None
     layout_fingerprint: str
     transport: str
+    #: the producer process (``Transport.instance_id``): a pull that finds
+    #: another process at ``address`` (a restart) fails at once
+    instance_id: str | None = None
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(self)
@@ -107,7 +110,13 @@ class KVAgent:
         lease ends, or ``release``; returns the ticket to hand to the consumer."""
         self.transport.publish(request_id, block_ids, num_tokens=num_tokens, lease_s=lease_s)
         return KVTicket(self.transport.address, request_id, [int(b) for b in block_ids],
-                        num_tokens, self.layout.fingerprint(), self.transport.name)
+                        num_tokens, self.layout.fingerprint(), self.transport.name,
+                        self.transport.instance_id)
+
+    @property
+    def instance_id(self) -> str:
+        """This process's identity as a producer (see ``KVTicket.instance_id``)."""
+        return self.transport.instance_id
 
     def release(self, request_id: str) -> bool:
         """Let go of a published request now (e.g. it was aborted)."""
@@ -125,13 +134,21 @@ class KVAgent:
             raise ValueError(f"ticket is for transport {ticket.transport!r}, this agent uses "
                              f"{self.transport.name!r}")
         return self.transport.pull(ticket.address, ticket.request_id, ticket.block_ids,
-                                   local_block_ids)
+                                   local_block_ids, producer_instance=ticket.instance_id)
 
     def pull_blocks(self, peer: str, request_id: str, remote_block_ids: Sequence[int],
-                    local_block_ids: Sequence[int]) -> TransferHandle:
+                    local_block_ids: Sequence[int], *,
+                    producer_instance: str | None = None) -> TransferHandle:
         """Pull some blocks of a published request (e.g. only the ones a local
         prefix cache lacks)."""
-        return self.transport.pull(peer, request_id, remote_block_ids, local_block_ids)
+        return self.transport.pull(peer, request_id, remote_block_ids, local_block_ids,
+                                   producer_instance=producer_instance)
+
+    def release_remote(self, peer: str, request_id: str, reason: str = "") -> None:
+        """Tell the producer at ``peer`` this consumer will not read
+        ``request_id`` (aborted, or served from a local prefix cache), so it
+        frees the blocks now instead of at lease end. Never blocks."""
+        self.transport.release_remote(peer, request_id, reason)
 
     def handshake(self, peer: str) -> KVLayout:
         """Check layouts with ``peer`` now; raises ``LayoutMismatchError``."""

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 #:
 #: Changelog:
 #:   1 - first version: layout handshake, pull by block ids, HMAC auth.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: Block-contiguous memory layouts kvbridge knows by name.
 MEMORY_LAYOUTS = ("LBHNC", "LBNHC", "custom")

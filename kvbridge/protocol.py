@@ -22,9 +22,22 @@ Connection lifecycle (client = consumer, server = producer)::
                                    <-        HandshakeAccept(layout, mac, info)
                                              | Error(code, message) and close
     Pull(xfer_id, request_id, ids) ->
-                                   <-        PullGrant(xfer_id, nbytes) [+ DATA frames]
-                                             | PullError(xfer_id, message)
+                                   <-        PullGrant(xfer_id, nbytes, checksums)
+                                             [+ DATA frames]
+                                             | PullError(xfer_id, message, code)
     ReadDone(xfer_id, request_id, ok) ->     (the producer may free the blocks)
+    Release(request_id, reason)    ->        (never going to read it: free now)
+
+A consumer whose layout the producer refused gets ``Error(code="layout")``,
+and the connection stays open for ``Release`` only: the consumer fails each
+pull for that producer at once and tells it which requests to drop, so a
+refused request's blocks are freed now rather than at lease end. Anything but
+``Release`` on a refused connection closes it.
+
+``PullGrant.checksums`` holds one XXH3-64 digest per granted block (pull
+order; see ``kvbridge.checksum``), computed when the producer published the
+request; the consumer verifies the bytes it landed before it reports the pull
+done. Empty when the producer does not checksum.
 
 A ``control`` client (the producer engine's scheduler, same host) handshakes
 the same way with ``Handshake.backend = "control"`` and then only sends
@@ -36,6 +49,10 @@ client's MAC verifies, so a peer without the shared secret learns nothing.
 
 Changelog (``kvbridge.layout.PROTOCOL_VERSION``):
     1 - first version.
+    2 - ``Release``; a layout-refused connection stays open for ``Release``;
+        ``PullGrant.checksums``; ``HandshakeAccept.info["instance"]`` (the
+        producer process's identity, so requests of a restarted producer fail
+        at once).
 """
 
 from __future__ import annotations
@@ -110,6 +127,8 @@ class Pull(msgspec.Struct, tag=True):
 class PullGrant(msgspec.Struct, tag=True):
     xfer_id: int
     nbytes: int
+    #: one digest per granted block, in pull order; empty: not checksummed
+    checksums: list[int] = []
 
 
 class PullError(msgspec.Struct, tag=True):
@@ -126,6 +145,14 @@ class ReadDone(msgspec.Struct, tag=True):
     ok: bool = True
 
 
+class Release(msgspec.Struct, tag=True):
+    """Consumer -> producer: this request will not be read (aborted, served
+    from a local prefix cache, failed here, or refused): free its blocks now."""
+
+    request_id: str
+    reason: str = ""
+
+
 class Publish(msgspec.Struct, tag=True):
     """From the producer engine's own scheduler (a ``control`` connection):
     hold these blocks now, without waiting for the worker's next step."""
@@ -136,7 +163,7 @@ class Publish(msgspec.Struct, tag=True):
 
 
 Message = Hello | Challenge | Handshake | HandshakeAccept | Error | Pull | PullGrant | PullError \
-    | ReadDone | Publish
+    | ReadDone | Release | Publish
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -273,4 +300,5 @@ def verify_mac(secret: bytes | None, got: bytes, role: bytes, *nonces: bytes) ->
 __all__ = [
     "PROTOCOL_VERSION", "Challenge", "Error", "Handshake", "HandshakeAccept", "Hello", "Message",
     "PeerClosed", "ProtocolError", "Publish", "Pull", "PullError", "PullGrant", "ReadDone",
+    "Release",
 ]

@@ -36,7 +36,7 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
     log "nixl 1.5.1 (no deps: the meta package would pull a CUDA torch)"
     "${PIP[@]}" --no-deps nixl==1.5.1 nixl-cu12==1.5.1
     log "kvbridge's own dependencies and test tools"
-    "${PIP[@]}" torch==2.13.0 "msgspec>=0.18" numpy tokenizers transformers safetensors \
+    "${PIP[@]}" torch==2.13.0 "msgspec>=0.18" "xxhash>=3.0" numpy tokenizers transformers safetensors \
         fastapi uvicorn httpx pytest pytest-timeout hypothesis matplotlib
     log "vllm-router 0.1.17 (the ecosystem's Rust P/D router, for compatibility tests)"
     "${PIP[@]}" vllm-router==0.1.17 torch==2.13.0

@@ -219,8 +219,16 @@ def test_layout_mismatch_refused_before_transfer(backend, producers, consumers, 
     m = prod.call("metrics")
     assert any(field.split("_")[0] in r for r in m["refusals"]), m["refusals"]
     assert m["pulls_served"] == 0
-    # Blocks are still held for a compatible consumer.
-    assert prod.call("poll") == []
+    # The refused request is handed back at once (issue 11): the producer frees
+    # its blocks now, not at lease end, and the refused connection carried it.
+    deadline = time.monotonic() + 10
+    released = []
+    while time.monotonic() < deadline and not released:
+        released = prod.call("poll")
+        time.sleep(0.05)
+    assert released == [("m", "released")], released
+    assert prod.call("metrics")["releases_received"] == 1
+    assert cons.metrics()["handshakes_refused"] == 1
 
 
 def test_unauthenticated_peer_is_refused(backend, producers, consumers):
@@ -270,8 +278,14 @@ def test_unknown_request_id_is_a_clear_error(backend, producers, consumers):
     prod.publish("p", [1, 2])
     h = cons.pull(prod.address, "p", [1, 9], [1, 2])
     assert h.wait(30) == TransferState.FAILED and "not published" in h.error
+    # A failed pull is final: the consumer handed "p" back and it was freed.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and ("p", "released") not in prod.call("poll"):
+        time.sleep(0.05)
+    assert "p" not in prod.call("held")
     # The connection still serves.
-    h = cons.pull(prod.address, "p", [1, 2], [1, 2])
+    prod.publish("q", [1, 2])
+    h = cons.pull(prod.address, "q", [1, 2], [1, 2])
     assert h.wait(30) == TransferState.DONE, h.error
 
 

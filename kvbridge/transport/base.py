@@ -22,7 +22,7 @@ reports completion. A backend implements four hooks:
   (sent after the handshake succeeds);
 * ``_connect_data(peer)``: prepare per-peer state once (descriptors, remote
   addresses) from that info;
-* ``_send_pull(conn, pull, ids)``: producer side of a granted pull (TCP sends
+* ``_send_pull(conn, grant, ids)``: producer side of a granted pull (TCP sends
   the bytes here; others only grant);
 * ``_receive_pull(peer, xfer, grant)``: consumer side: move the bytes.
 """
@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from kvbridge import checksum
 from kvbridge import protocol as P
 from kvbridge.blocks import BlockIdError, PagedKVCache
 from kvbridge.layout import KVLayout, LayoutMismatchError, check_compatible, layout_differences
@@ -64,7 +65,12 @@ class TransportConfig(msgspec.Struct, kw_only=True):
             before they are freed anyway [120.0] (vLLM's NixlConnector waits
             480 s; a lease that ends under a read in progress is extended
             until the read finishes).
-        handshake_timeout_s: connect + handshake deadline [5.0].
+        handshake_timeout_s: connect + handshake deadline [20.0]. Generous on
+            purpose: a producer on a loaded host can take seconds to answer,
+            and failing a request that would have succeeded costs a whole
+            prefill. A dead producer (connection refused) or a refusal fails
+            at once; a connection reset mid-handshake is retried with backoff
+            within this deadline.
         transfer_timeout_s: a transfer with no progress for this long fails
             [30.0].
         socket_buffer_bytes: SO_SNDBUF/SO_RCVBUF for data connections [4 MiB].
@@ -74,6 +80,13 @@ class TransportConfig(msgspec.Struct, kw_only=True):
             producer has not published yet [10.0] - the consumer can learn of
             a request (through the router) a moment before the producer's
             engine step publishes it.
+        checksum: end-to-end KV checksums [True]: the producer digests each
+            block when it publishes (``kvbridge.checksum``), the consumer
+            verifies the blocks it landed before the pull is DONE; a mismatch
+            fails the pull (a load error for the engine). Host memory only.
+        fault_flip_byte_every: fault injection for tests and ``bench chaos``
+            [0 = off]: the consumer flips one byte of every Nth pull it lands,
+            before verifying it.
     """
 
     host: str = "127.0.0.1"
@@ -81,11 +94,13 @@ class TransportConfig(msgspec.Struct, kw_only=True):
     advertise_host: str | None = None
     secret: str | None = None
     lease_s: float = 120.0
-    handshake_timeout_s: float = 5.0
+    handshake_timeout_s: float = 20.0
     transfer_timeout_s: float = 30.0
     socket_buffer_bytes: int = 4 << 20
     max_inflight: int = 64
     publish_wait_s: float = 10.0
+    checksum: bool = True
+    fault_flip_byte_every: int = 0
 
 
 class TransferState(enum.Enum):
@@ -126,6 +141,11 @@ class TransferHandle:
         self.started: float | None = None
         self.finished_at: float | None = None
         self.cancel_requested = False
+        #: blocks whose checksum did not match (a subset of ``local_ids``)
+        self.invalid_local_ids: list[int] = []
+        #: the producer process this pull is meant for (``Transport.instance_id``
+        #: there): a restarted producer fails the pull at once
+        self.producer_instance: str | None = None
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._cancel_cb = None
@@ -195,6 +215,8 @@ class _Lease:
     expires: float
     readers: int = 0
     read: bool = False
+    #: block id -> digest (``kvbridge.checksum``), None when not checksummed
+    digests: dict[int, int] | None = None
 
 
 class UnknownRequestError(KeyError):
@@ -224,7 +246,7 @@ class LeaseTable:
         self._lock = threading.Lock()
 
     def publish(self, request_id: str, block_ids: Sequence[int],
-                lease_s: float | None = None) -> bool:
+                lease_s: float | None = None, digests: Sequence[int] | None = None) -> bool:
         """Hold ``block_ids``; False (and nothing changes) if the request is
         held already or has ended - a second publish of the same request (the
         scheduler's and the worker's) must never resurrect freed blocks."""
@@ -237,8 +259,9 @@ class LeaseTable:
                 return False
             if request_id in self._ended:
                 return False
-            self._leases[request_id] = _Lease(request_id, list(block_ids),
-                                              time.monotonic() + (lease_s or self.lease_s))
+            self._leases[request_id] = _Lease(
+                request_id, list(block_ids), time.monotonic() + (lease_s or self.lease_s),
+                digests=None if digests is None else dict(zip(block_ids, digests)))
             return True
 
     def known(self, request_id: str) -> bool:
@@ -246,8 +269,9 @@ class LeaseTable:
         with self._lock:
             return request_id in self._leases or request_id in self._ended
 
-    def begin_read(self, request_id: str, block_ids: Sequence[int]) -> None:
-        """Grant a read of ``block_ids`` of ``request_id``; raises if not allowed."""
+    def begin_read(self, request_id: str, block_ids: Sequence[int]) -> list[int]:
+        """Grant a read of ``block_ids`` of ``request_id``; raises if not allowed.
+        Returns the blocks' digests in that order (empty: not checksummed)."""
         with self._lock:
             lease = self._leases.get(request_id)
             if lease is None:
@@ -264,6 +288,7 @@ class LeaseTable:
                 raise BlockIdError(f"blocks {stray[:8]} are not published for request "
                                    f"{request_id!r}")
             lease.readers += 1
+            return [lease.digests[b] for b in block_ids] if lease.digests is not None else []
 
     def end_read(self, request_id: str, ok: bool) -> None:
         with self._lock:
@@ -393,6 +418,14 @@ class TransportStats:
     handshake_seconds: float = 0.0
     handshakes_refused: int = 0
     protocol_errors: int = 0
+    #: consumer: pulls whose landed bytes did not match the producer's digests
+    checksum_failures: int = 0
+    #: consumer: blocks verified, and the seconds verifying took
+    blocks_verified: int = 0
+    checksum_seconds: float = 0.0
+    #: consumer: Release messages sent; producer: received
+    releases_sent: int = 0
+    releases_received: int = 0
     failures: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -416,6 +449,8 @@ class ServerConn:
     backend: object = None
     #: a control client (the producer's scheduler): may only Publish
     control: bool = False
+    #: the consumer's layout was refused: it may only Release
+    refused: bool = False
 
 
 class PeerConnection:
@@ -434,6 +469,11 @@ class PeerConnection:
         self.error: str | None = None
         self.closed = False
         self.reader: threading.Thread | None = None
+        #: the producer refused our layout: every pull fails at once with this
+        #: (the connection stays open so we can tell it what to drop)
+        self.refusal: LayoutMismatchError | None = None
+        #: the producer process's identity (``Transport.instance_id`` there)
+        self.instance: str | None = None
 
 
 class Transport:
@@ -448,6 +488,10 @@ class Transport:
         self.layout = cache.layout
         self.config = config or TransportConfig()
         self.agent_name = agent_name or f"kvbridge-{uuid.uuid4().hex[:8]}"
+        #: this process's identity as a producer: a consumer holding a request
+        #: of an earlier process on the same address fails it at once
+        self.instance_id = uuid.uuid4().hex
+        self._pulls_landed = 0
         self.secret = P.resolve_secret(self.config.secret)
         self.leases = LeaseTable(self.config.lease_s)
         self.stats = TransportStats()
@@ -504,14 +548,16 @@ class Transport:
         """Hold ``block_ids`` of ``request_id`` for a consumer to read; False if
         it is held already or has ended (idempotent)."""
         ids = self.cache.validate(block_ids, num_tokens)
-        if self.before_publish is None:
-            return self.leases.publish(request_id, ids, lease_s)
         # Serialized, so the scheduler's publish and the worker's of the same
-        # request (arriving together) copy the blocks once.
+        # request (arriving together) stage and digest the blocks once.
         with self._publish_lock:
-            if not self.leases.known(request_id):
+            if self.leases.known(request_id):
+                return self.leases.publish(request_id, ids, lease_s)
+            if self.before_publish is not None:
                 self.before_publish(ids)
-            return self.leases.publish(request_id, ids, lease_s)
+            digests = (checksum.block_digests(self.cache, ids)
+                       if self.config.checksum and checksum.supported(self.cache) else None)
+            return self.leases.publish(request_id, ids, lease_s, digests)
 
     def release(self, request_id: str) -> bool:
         """Stop holding a request's blocks (abort); True if they were held."""
@@ -557,7 +603,12 @@ class Transport:
             conn.settimeout(None)
             while not self._closing.is_set():
                 msg = P.recv_message(conn)
-                if state.control:
+                if isinstance(msg, P.Release) and not state.control:
+                    self._handle_release(msg, peer)
+                elif state.refused:
+                    raise P.ProtocolError(f"a refused consumer may only Release, got "
+                                          f"{type(msg).__name__}")
+                elif state.control:
                     if not isinstance(msg, P.Publish):
                         raise P.ProtocolError(f"a control connection may only Publish, got "
                                               f"{type(msg).__name__}")
@@ -627,7 +678,10 @@ class Transport:
         except LayoutMismatchError as e:
             self._refuse(peer, str(e))
             self._try_send(conn, P.Error("layout", str(e), layout=self.layout))
-            return False
+            # Authenticated but incompatible: keep the connection for Release
+            # only, so the consumer can hand back what it will never read.
+            state.refused = not state.control
+            return state.refused
         try:
             # A control client moves no bytes: no per-consumer backend state.
             state.backend = None if state.control else self._server_accept_peer(hs.info)
@@ -637,8 +691,15 @@ class Transport:
             return False
         P.send_message(conn, P.HandshakeAccept(self.layout, P.mac(self.secret, b"server",
                                                                    hello.nonce, nonce),
-                                               self._server_info()))
+                                               {**self._server_info(),
+                                                "instance": self.instance_id}))
         return True
+
+    def _handle_release(self, msg: P.Release, peer: str) -> None:
+        self.stats.releases_received += 1
+        if self.leases.release(msg.request_id):
+            logger.info("kvbridge: consumer %s released request %s unread (%s)", peer,
+                        msg.request_id, msg.reason or "no reason given")
 
     def _handle_publish(self, msg: P.Publish) -> None:
         try:
@@ -658,7 +719,7 @@ class Transport:
             raise P.ProtocolError(f"transfer id {pull.xfer_id} is already in flight")
         try:
             ids = self.cache.validate(pull.block_ids)
-            self.leases.begin_read(pull.request_id, ids)
+            digests = self.leases.begin_read(pull.request_id, ids)
         except UnknownRequestError as e:
             if e.code != "not_published":
                 logger.warning("kvbridge: refusing pull %d: %s", pull.xfer_id, e.args[0])
@@ -670,13 +731,19 @@ class Transport:
             return
         self.stats.pulls_served += 1
         state.granted[pull.xfer_id] = pull.request_id
-        self._send_pull(conn, pull, ids, state)
+        grant = P.PullGrant(pull.xfer_id, self.cache.staging_bytes(len(ids)), digests)
+        self._send_pull(conn, grant, ids, state)
 
     # ------------------------------------------------------------------ consumer
     def pull(self, peer: str, request_id: str, remote_block_ids: Sequence[int],
-             local_block_ids: Sequence[int]) -> TransferHandle:
+             local_block_ids: Sequence[int], *,
+             producer_instance: str | None = None) -> TransferHandle:
         """Start reading ``remote_block_ids`` of ``request_id`` on ``peer`` into
-        ``local_block_ids`` here. Never blocks on the network."""
+        ``local_block_ids`` here. Never blocks on the network.
+
+        ``producer_instance``: the producer process the request was published
+        by (its ``instance_id``, carried in the ticket); if another process
+        now serves that address (a restart), the pull fails at once."""
         local = self.cache.validate(local_block_ids, what="local block ids")
         remote = [int(b) for b in remote_block_ids]
         if len(remote) != len(local):
@@ -685,6 +752,7 @@ class Transport:
             xfer_id = next(self._xfer_ids)
         handle = TransferHandle(xfer_id, peer, request_id, remote, local,
                                 self.cache.staging_bytes(len(local)))
+        handle.producer_instance = producer_instance
         handle._cancel_cb = self._on_cancel
         conn = self._peer(peer)
         if conn.ready.is_set() and not conn.closed:
@@ -696,11 +764,13 @@ class Transport:
                              name=f"{self.name}-pull-{xfer_id}").start()
         return handle
 
-    def handshake(self, peer: str, timeout: float | None = None) -> KVLayout:
+    def handshake(self, peer: str) -> KVLayout:
         """Connect and handshake with ``peer`` now (else the first pull does);
         returns the remote layout or raises (``LayoutMismatchError``, ...)."""
         conn = self._peer(peer)
         self._ensure_connected(conn)
+        if conn.refusal is not None:
+            raise conn.refusal
         if conn.error or conn.remote_layout is None:
             raise TransferError(conn.error or f"no connection to {peer}")
         return conn.remote_layout
@@ -725,7 +795,18 @@ class Transport:
         if conn.error:
             self._fail(handle, conn.error)
             return
-        if handle.state.finished:
+        if conn.refusal is not None:
+            # Refused at the handshake: fail now, and let the producer drop it.
+            self._send_release(conn, handle.request_id, "layout refused")
+            self._fail(handle, f"handshake with {conn.address} refused: {conn.refusal}")
+            return
+        if (handle.producer_instance and conn.instance
+                and handle.producer_instance != conn.instance):
+            self._fail(handle, f"producer at {conn.address} restarted: request "
+                               f"{handle.request_id!r} belonged to its previous process, "
+                               "whose blocks are gone")
+            return
+        if handle.state.finished:  # cancelled while connecting
             return
         with conn.send_lock:
             if conn.closed:
@@ -777,16 +858,43 @@ class Transport:
                 if refused:
                     raise
                 raise TransferError(conn.error) from e
-            self.stats.handshakes += 1
-            self.stats.handshake_seconds += time.monotonic() - t0
+            if conn.refusal is not None:
+                self.stats.handshakes_refused += 1
+                logger.error("kvbridge: handshake with %s refused: %s", conn.address,
+                             conn.refusal)
+            else:
+                self.stats.handshakes += 1
+                self.stats.handshake_seconds += time.monotonic() - t0
             conn.reader = threading.Thread(target=self._reader_loop, args=(conn,), daemon=True,
                                            name=f"{self.name}-reader-{conn.address}")
             conn.reader.start()
             conn.ready.set()
 
     def _client_handshake(self, conn: PeerConnection) -> None:
+        """Connect and handshake, retrying a reset connection with backoff until
+        ``handshake_timeout_s``; a refused connection (nobody listens: the
+        producer is dead) and a refusal by the producer fail at once."""
+        deadline = time.monotonic() + self.config.handshake_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return self._client_handshake_once(conn, deadline)
+            except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+                    P.PeerClosed) as e:
+                if conn.sock is not None:
+                    conn.sock.close()
+                    conn.sock = None
+                if time.monotonic() + delay >= deadline or self._closing.is_set():
+                    raise TransferError(f"connection reset during the handshake: {e}") from e
+                logger.info("kvbridge: handshake with %s: %s; retrying in %.2f s",
+                            conn.address, e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _client_handshake_once(self, conn: PeerConnection, deadline: float) -> None:
         host, _, port = conn.address.rpartition(":")
-        sock = socket.create_connection((host, int(port)), timeout=self.config.handshake_timeout_s)
+        sock = socket.create_connection((host, int(port)),
+                                        timeout=max(0.1, deadline - time.monotonic()))
         conn.sock = sock
         self._tune(sock)
         try:
@@ -795,7 +903,10 @@ class Transport:
         except P.PeerRefused as e:
             err = e.error
             if err.code == "layout" and err.layout is not None:
-                raise LayoutMismatchError(layout_differences(self.layout, err.layout)) from None
+                # The producer keeps this connection open for Release only.
+                conn.refusal = LayoutMismatchError(layout_differences(self.layout, err.layout))
+                sock.settimeout(min(1.0, self.config.transfer_timeout_s))
+                return
             if err.code == "auth":
                 raise TransferError(err.message if "secret" in err.message
                                     else f"producer refused: {err.message}") from None
@@ -803,6 +914,7 @@ class Transport:
         check_compatible(self.layout, reply.layout)
         conn.remote_layout = reply.layout
         conn.remote_info = reply.info
+        conn.instance = reply.info.get("instance")
         conn.data = self._connect_data(conn)
         sock.settimeout(min(1.0, self.config.transfer_timeout_s))
 
@@ -826,13 +938,17 @@ class Transport:
                             # The producer's engine has not published it yet: ask again.
                             threading.Timer(0.01, self._resend, (conn, handle)).start()
                             continue
+                        if msg.code != "ended" and not handle.cancel_requested:
+                            # It may still hold the blocks (bad ids, or not yet
+                            # published): this consumer will not ask again.
+                            self._send_release(conn, handle.request_id, "pull refused")
                         if handle.cancel_requested:
                             handle._advance(TransferState.CANCELLED, "cancelled")
                             continue
                         self._fail(handle, f"producer refused the pull: {msg.message}")
                         continue
                     ok = self._receive_pull(conn, handle, msg)
-                    self._finish_read(conn, handle, ok)
+                    self._finish_read(conn, handle, ok, msg)
                 elif isinstance(msg, P.Error):
                     raise TransferError(f"producer error ({msg.code}): {msg.message}")
                 else:
@@ -858,13 +974,21 @@ class Transport:
                 raise P.ProtocolError(f"reply for unknown transfer {xfer_id}")
             return conn.inflight.popleft()
 
-    def _finish_read(self, conn: PeerConnection, handle: TransferHandle, ok: bool) -> None:
+    def _finish_read(self, conn: PeerConnection, handle: TransferHandle, ok: bool,
+                     grant: P.PullGrant) -> None:
         cancelled = handle.cancel_requested and not ok
+        if ok:
+            ok = self._verify(handle, grant)
         with conn.send_lock:
             try:
                 P.send_message(conn.sock, P.ReadDone(handle.xfer_id, handle.request_id, ok))
             except OSError:
                 pass
+        if not ok and not cancelled:
+            # A failed pull is final: hand the request back so the producer
+            # frees it now. (A cancel is not: the caller may pull again, or
+            # release it with ``release_remote``.)
+            self._send_release(conn, handle.request_id, handle.error or "failed")
         if ok and self.after_pull is not None:
             try:
                 self.after_pull(list(handle.local_ids))
@@ -882,6 +1006,65 @@ class Transport:
             handle._advance(TransferState.CANCELLED, "cancelled during transfer")
         else:
             self._fail(handle, handle.error or "transfer failed")
+
+    def _verify(self, handle: TransferHandle, grant: P.PullGrant) -> bool:
+        """Check the landed blocks against the producer's digests (and inject
+        a flipped byte first when ``fault_flip_byte_every`` says so)."""
+        self._pulls_landed += 1
+        every = self.config.fault_flip_byte_every
+        if every and self._pulls_landed % every == 0 and handle.local_ids:
+            checksum.flip_byte(self.cache, handle.local_ids[0])
+            logger.warning("kvbridge: fault injection: flipped a byte of block %d (pull %d of "
+                           "request %s)", handle.local_ids[0], handle.xfer_id, handle.request_id)
+        if not (self.config.checksum and grant.checksums and checksum.supported(self.cache)):
+            return True
+        if len(grant.checksums) != len(handle.local_ids):
+            handle.error = (f"producer sent {len(grant.checksums)} checksums for "
+                            f"{len(handle.local_ids)} blocks")
+            handle.invalid_local_ids = list(handle.local_ids)
+            return False
+        t0 = time.perf_counter()
+        bad = checksum.mismatched(self.cache, handle.local_ids, grant.checksums)
+        self.stats.checksum_seconds += time.perf_counter() - t0
+        self.stats.blocks_verified += len(handle.local_ids)
+        if not bad:
+            return True
+        self.stats.checksum_failures += 1
+        handle.invalid_local_ids = bad
+        handle.error = (f"checksum mismatch: {len(bad)} of {len(handle.local_ids)} blocks "
+                        f"landed corrupted (local blocks {bad[:8]})")
+        return False
+
+    def _send_release(self, conn: PeerConnection, request_id: str, reason: str) -> None:
+        """Tell the producer we will not read ``request_id`` (best effort: if
+        the connection is gone, its lease frees the blocks)."""
+        with conn.send_lock:
+            if conn.closed or conn.sock is None:
+                return
+            try:
+                P.send_message(conn.sock, P.Release(request_id, reason[:200]))
+                self.stats.releases_sent += 1
+            except OSError:
+                pass
+
+    def release_remote(self, peer: str, request_id: str, reason: str = "") -> None:
+        """Tell the producer at ``peer`` that ``request_id`` will not be read
+        here, so it frees the blocks now (an aborted request, a full local
+        prefix hit). Never blocks; failures are logged."""
+        def run():
+            conn = self._peer(peer)
+            try:
+                self._ensure_connected(conn)
+            except Exception as e:  # noqa: BLE001 - best effort; the lease frees it
+                logger.info("kvbridge: cannot release %s at %s: %s", request_id, peer, e)
+                return
+            self._send_release(conn, request_id, reason)
+
+        conn = self._peer(peer)
+        if conn.ready.is_set():
+            self._send_release(conn, request_id, reason)
+        else:
+            threading.Thread(target=run, daemon=True, name=f"{self.name}-release").start()
 
     def _fail(self, handle: TransferHandle, reason: str) -> None:
         if handle._advance(TransferState.FAILED, reason):
@@ -962,8 +1145,9 @@ class Transport:
         """Per-connection producer state from the consumer's info; raise to refuse."""
         return None
 
-    def _send_pull(self, conn: socket.socket, pull: P.Pull, ids: list[int],
+    def _send_pull(self, conn: socket.socket, grant: P.PullGrant, ids: list[int],
                    state: ServerConn) -> None:
+        """Send ``grant`` (and, for TCP, the bytes of ``ids``)."""
         raise NotImplementedError
 
     def _on_read_done(self, msg: P.ReadDone, state: ServerConn) -> None:

@@ -109,10 +109,9 @@ class CmaTransport(Transport):
                              "PID namespace; use tcp or nixl across hosts")
         return None
 
-    def _send_pull(self, conn, pull: P.Pull, ids: list[int], state: ServerConn) -> None:
-        nbytes = self.cache.staging_bytes(len(ids))
-        P.send_message(conn, P.PullGrant(pull.xfer_id, nbytes))
-        self.stats.bytes_served += nbytes
+    def _send_pull(self, conn, grant: P.PullGrant, ids: list[int], state: ServerConn) -> None:
+        P.send_message(conn, grant)
+        self.stats.bytes_served += grant.nbytes
 
     # -- consumer --
     def _connect_data(self, conn: PeerConnection):

@@ -458,13 +458,12 @@ class NixlTransport(Transport):
                 "regions": [[addr, stride] for addr, stride, _ in self.cache.region_addresses()],
                 "num_blocks": self.cache.num_blocks}
 
-    def _send_pull(self, conn, pull: P.Pull, ids: list[int], state: ServerConn) -> None:
-        nbytes = self.cache.staging_bytes(len(ids))
+    def _send_pull(self, conn, grant: P.PullGrant, ids: list[int], state: ServerConn) -> None:
         self._serving[id(state)] = state
         if self._prod is not None:
             self._prod.wake()  # poll (and progress) fast until the read is done
-        P.send_message(conn, P.PullGrant(pull.xfer_id, nbytes))
-        self.stats.bytes_served += nbytes
+        P.send_message(conn, grant)
+        self.stats.bytes_served += grant.nbytes
 
     def _server_conn_closed(self, state: ServerConn) -> None:
         self._serving.pop(id(state), None)

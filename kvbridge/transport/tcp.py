@@ -60,10 +60,10 @@ def recv_buffers(sock: socket.socket, bufs: list[memoryview], stall_s: float) ->
 class TcpTransport(Transport):
     name = "tcp"
 
-    def _send_pull(self, conn: socket.socket, pull: P.Pull, ids: list[int],
+    def _send_pull(self, conn: socket.socket, grant: P.PullGrant, ids: list[int],
                    state: ServerConn) -> None:
-        nbytes = self.cache.staging_bytes(len(ids))
-        P.send_message(conn, P.PullGrant(pull.xfer_id, nbytes))
+        nbytes = grant.nbytes
+        P.send_message(conn, grant)
         conn.sendall(P.data_header(nbytes))
         if self.cache.device.type == "cpu":
             send_buffers(conn, self.cache.block_buffers(ids))

@@ -69,6 +69,8 @@ def producer_main(pipe, backend: str, cache_kw: dict, config_kw: dict, env: dict
             pipe.send(transport.poll_released())
         elif cmd == "metrics":
             pipe.send(transport.metrics())
+        elif cmd == "held":
+            pipe.send(transport.leases.held())
         elif cmd == "digest":
             pipe.send(digest(cache, args[0]))
         elif cmd == "stop":
