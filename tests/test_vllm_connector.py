@@ -21,6 +21,7 @@ import time
 import pytest
 
 from conftest import HELPERS
+from kvbridge.layout import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.vllm
 
@@ -160,7 +161,7 @@ def check_pair(p, d, colocated, prompt_lens):
     bytes moved == the prompt blocks' KV size, producer blocks freed."""
     free_before = p.ready["free"]
     params = [p.call(cmd="prefill", prompts=[prompt])["params"][0] for prompt in PROMPTS]
-    assert all(x["kvbridge"] == 1 and x["remote_num_tokens"] == n
+    assert all(x["kvbridge"] == PROTOCOL_VERSION and x["remote_num_tokens"] == n
                for x, n in zip(params, prompt_lens))
     out = decode_each(d, PROMPTS, params)
     assert out["finish"] == ["length"] * len(PROMPTS), d.logs()[-3000:]

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from kvbridge.launch import free_port, kv_transfer_config, start_server, stop_all, wait_healthy
+from kvbridge.layout import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.vllm
 
@@ -71,7 +72,7 @@ def test_pd_servers_token_identical(tiny_model_dir, tmp_path, transport, colocat
         wait_healthy([prefill, decode])
         p = complete(prefill.url, "tiny", PROMPT, 1, {"do_remote_decode": True})
         params = p["kv_transfer_params"]
-        assert params["kvbridge"] == 1 and params["transport"] == transport
+        assert params["kvbridge"] == PROTOCOL_VERSION and params["transport"] == transport
         d = complete(decode.url, "tiny", PROMPT, MAX_TOKENS, params)
         assert d["choices"][0]["text"] == colocated_text
         src = prompt_sources(decode.url)

@@ -18,11 +18,18 @@ key                    meaning                                         default
 ``lease_s``            producer holds unread blocks this long          120
 ``secret``             HMAC shared secret (else $KVBRIDGE_SECRET)      none
 ``transfer_timeout_s`` a pull with no progress this long fails         30
-``handshake_timeout_s`` connect + layout handshake deadline            5
+``handshake_timeout_s`` connect + layout handshake deadline (a dead   20
+                       producer or a refusal fails at once)
 ``publish_wait_s``     consumer waits this long for a late publish     10
 ``host_staging``       stage blocks through a host mirror of the KV    ``auto``
                        cache: ``auto`` (when the cache is not in host
                        memory, i.e. on a GPU), ``true``, ``false``
+``checksum``           end-to-end KV checksums: the producer digests   ``true``
+                       each block it publishes, the consumer checks
+                       what it landed; a mismatch is a load error
+                       (``kv_load_failure_policy`` applies)
+``fault_flip_byte_``   fault injection: the consumer flips one byte    0 (off)
+``every``              of every Nth pull it lands (tests, chaos runs)
 =====================  ==============================================  ===========
 
 Host staging: sockets and cross-memory attach address host memory only, so a
@@ -43,7 +50,18 @@ from dataclasses import dataclass
 from kvbridge.transport import TransportConfig, transport_class
 
 _KNOWN = {"transport", "host", "advertise_host", "port", "lease_s", "secret",
-          "transfer_timeout_s", "handshake_timeout_s", "publish_wait_s", "host_staging"}
+          "transfer_timeout_s", "handshake_timeout_s", "publish_wait_s", "host_staging",
+          "checksum", "fault_flip_byte_every"}
+
+
+def _flag(value, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes", "on"):
+        return True
+    if str(value).lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"kv_connector_extra_config.{key} must be true or false, got {value!r}")
 
 
 @dataclass
@@ -84,8 +102,11 @@ class KVBridgeConfig:
             secret=extra.get("secret"),
             lease_s=float(extra.get("lease_s", 120.0)),
             transfer_timeout_s=float(extra.get("transfer_timeout_s", 30.0)),
-            handshake_timeout_s=float(extra.get("handshake_timeout_s", 5.0)),
+            handshake_timeout_s=float(extra.get("handshake_timeout_s",
+                                                TransportConfig().handshake_timeout_s)),
             publish_wait_s=float(extra.get("publish_wait_s", 10.0)),
+            checksum=_flag(extra.get("checksum", True), "checksum"),
+            fault_flip_byte_every=int(extra.get("fault_flip_byte_every", 0)),
         )
         staging = str(extra.get("host_staging", "auto")).lower()
         if staging not in ("auto", "true", "false"):

@@ -4,7 +4,9 @@
 ``kv_transfer_params`` follow vLLM's proxy contract (the fields NixlConnector
 uses, so routers such as ``vllm-router`` forward them unchanged), plus
 kvbridge's own: ``remote_addresses`` (one control address per TP rank),
-``layout_fingerprint`` and ``kvbridge`` (the protocol version).
+``remote_instance_ids`` (the producer process of each rank, so a restarted
+producer fails the pull at once), ``layout_fingerprint`` and ``kvbridge`` (the
+protocol version).
 """
 
 from __future__ import annotations
@@ -20,14 +22,31 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 @dataclass
 class RecvSpec:
-    """A consumer-side pull: remote blocks of ``remote_request_id`` on the
-    producer at ``addresses[tp_rank]`` into ``local_block_ids``."""
+    """A consumer-side pull vLLM waits on: remote blocks of
+    ``remote_request_id`` on the producer at ``addresses[tp_rank]`` into
+    ``local_block_ids``. ``missing_local_ids``: blocks vLLM allocated for
+    tokens the producer did not send - reported as load errors, never left
+    as garbage vLLM would attend over."""
 
     remote_request_id: str
     addresses: list[str]
     remote_block_ids: list[int]
     local_block_ids: list[int]
     layout_fingerprint: str | None = None
+    instance_ids: list[str] | None = None
+    missing_local_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ReleaseSpec:
+    """A consumer-side hand-back vLLM does not wait on: tell the producer at
+    ``addresses[tp_rank]`` that ``remote_request_id`` will not be read here
+    (aborted before its blocks were allocated, rejected by the API server, or
+    served from the local prefix cache), so it frees the blocks now."""
+
+    remote_request_id: str
+    addresses: list[str]
+    reason: str
 
 
 @dataclass
@@ -42,6 +61,7 @@ class SendSpec:
 class KVBridgeConnectorMetadata(KVConnectorMetadata):
     reqs_to_recv: dict[str, RecvSpec] = field(default_factory=dict)
     reqs_to_send: dict[str, SendSpec] = field(default_factory=dict)
+    reqs_to_release: list[ReleaseSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -51,6 +71,8 @@ class KVBridgeHandshakeMetadata(KVConnectorHandshakeMetadata):
     address: str | None
     layout_fingerprint: str
     layout: dict
+    #: the producer process's identity (``Transport.instance_id``)
+    instance_id: str | None = None
 
 
 @dataclass

@@ -9,6 +9,16 @@ them. Consumer: a request carrying those params reports every prompt token
 (the partial last block included) as loadable asynchronously, and once blocks
 are allocated the worker is told to pull the ones the local prefix cache does
 not already hold.
+
+What vLLM waits on and what it does not are kept apart, because reporting a
+request vLLM does not wait on kills its engine (``assert req_id in
+self.requests`` in ``Scheduler._update_from_kv_xfer_finished``): only a
+request vLLM put in ``WAITING_FOR_REMOTE_KVS`` becomes a ``RecvSpec`` (the
+worker reports it received exactly once). Every other consumer request that
+names a producer - a full local prefix hit, one aborted before its blocks were
+allocated, the pre-aborted request vLLM's API server submits for a rejected
+request (``notify_kv_transfer_request_rejected``) - becomes a ``ReleaseSpec``:
+the producer is told to free the blocks, and vLLM hears nothing of it.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from kvbridge.vllm.metadata import (
     KVBridgeConnectorMetadata,
     KVBridgeHandshakeMetadata,
     RecvSpec,
+    ReleaseSpec,
     SendSpec,
 )
 
@@ -52,6 +63,8 @@ class KVBridgeScheduler:
         self.layout_fingerprint: str | None = None
         self._reqs_to_recv: dict[str, RecvSpec] = {}
         self._reqs_to_send: dict[str, SendSpec] = {}
+        self._reqs_to_release: list[ReleaseSpec] = []
+        self.instance_ids: list[str | None] = []
         self.layout: dict | None = None
         #: consumer: what each finished pull moved (from the workers), reported
         #: back in the decode response's kv_transfer_params
@@ -62,6 +75,7 @@ class KVBridgeScheduler:
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVBridgeHandshakeMetadata]):
         ranks = sorted(metadata)
         self.addresses = [metadata[r].address for r in ranks if metadata[r].address]
+        self.instance_ids = [metadata[r].instance_id for r in ranks if metadata[r].address]
         self.layout_fingerprint = metadata[ranks[0]].layout_fingerprint if ranks else None
         self.layout = metadata[ranks[0]].layout if ranks else None
         # Publish finished prefills straight to each worker's listener: the
@@ -93,30 +107,37 @@ class KVBridgeScheduler:
         if not (self.config.is_consumer and is_kvbridge_params(params)
                 and params.get("do_remote_prefill")):
             return
+        # One transfer per request (vLLM may call this twice for an async load).
+        params["do_remote_prefill"] = False
+        if num_external_tokens == 0:
+            # Not waiting on a load (a full local prefix hit): pull nothing,
+            # but let the producer free its blocks now rather than at lease end.
+            self._release(params, "served from the local prefix cache")
+            return
         remote_ids = list(params.get("remote_block_ids") or [])
-        if num_external_tokens > 0:
-            local_ids = list(blocks.get_unhashed_block_ids())
-            # Blocks the local prefix cache already holds are not pulled again.
-            num_cached = sum(1 for b in blocks.blocks[0]
-                             if b.block_hash is not None and not b.is_null)
-            remote_ids = remote_ids[num_cached:num_cached + len(local_ids)]
-            if len(remote_ids) != len(local_ids):
-                logger.error("KVBridgeConnector: request %s: producer sent %d blocks, %d needed "
-                             "here; pulling what matches", request.request_id,
-                             len(remote_ids), len(local_ids))
-                local_ids = local_ids[:len(remote_ids)]
-        else:
-            # Full local prefix hit: pull nothing, but tell the producer so it
-            # frees its blocks now rather than at lease end.
-            local_ids, remote_ids = [], []
+        local_ids = list(blocks.get_unhashed_block_ids())
+        # Blocks the local prefix cache already holds are not pulled again.
+        num_cached = sum(1 for b in blocks.blocks[0]
+                         if b.block_hash is not None and not b.is_null)
+        remote_ids = remote_ids[num_cached:num_cached + len(local_ids)]
+        missing: list[int] = []
+        if len(remote_ids) != len(local_ids):
+            logger.error("KVBridgeConnector: request %s: producer sent %d blocks, %d needed "
+                         "here; the %d it lacks are load errors", request.request_id,
+                         len(remote_ids), len(local_ids), len(local_ids) - len(remote_ids))
+            local_ids, missing = local_ids[:len(remote_ids)], local_ids[len(remote_ids):]
         self._reqs_to_recv[request.request_id] = RecvSpec(
             remote_request_id=params["remote_request_id"],
             addresses=list(params["remote_addresses"]),
             remote_block_ids=remote_ids,
             local_block_ids=local_ids,
-            layout_fingerprint=params.get("layout_fingerprint"))
-        # One transfer per request.
-        params["do_remote_prefill"] = False
+            layout_fingerprint=params.get("layout_fingerprint"),
+            instance_ids=params.get("remote_instance_ids"),
+            missing_local_ids=missing)
+
+    def _release(self, params: dict, reason: str) -> None:
+        self._reqs_to_release.append(ReleaseSpec(params["remote_request_id"],
+                                                 list(params["remote_addresses"]), reason))
 
     def update_connector_output(self, connector_output) -> None:
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -136,8 +157,9 @@ class KVBridgeScheduler:
     # -- both --
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVBridgeConnectorMetadata:
         meta = KVBridgeConnectorMetadata(reqs_to_recv=self._reqs_to_recv,
-                                         reqs_to_send=self._reqs_to_send)
-        self._reqs_to_recv, self._reqs_to_send = {}, {}
+                                         reqs_to_send=self._reqs_to_send,
+                                         reqs_to_release=self._reqs_to_release)
+        self._reqs_to_recv, self._reqs_to_send, self._reqs_to_release = {}, {}, []
         return meta
 
     # -- producer --
@@ -157,11 +179,12 @@ class KVBridgeScheduler:
             return False, {"kvbridge_kv_bytes": nbytes, "kvbridge_kv_blocks": blocks,
                            "kvbridge_transfer_ms": round(seconds * 1e3, 3)}
         if params.get("do_remote_prefill") and is_kvbridge_params(params):
-            # A consumer request aborted before its blocks were allocated: still
-            # tell the producer (an empty pull) so it frees its blocks now.
-            self._reqs_to_recv[request.request_id] = RecvSpec(
-                params["remote_request_id"], list(params["remote_addresses"]), [], [])
+            # A consumer request that never waited on a load: aborted before
+            # its blocks were allocated, or the pre-aborted request vLLM's API
+            # server submits for a rejected one. vLLM waits on nothing here;
+            # only the producer must hear, so it frees its blocks now.
             params["do_remote_prefill"] = False
+            self._release(params, "aborted before its KV was loaded")
             return False, None
         if not (params.get("do_remote_decode") and self.config.is_producer):
             return False, None
@@ -190,6 +213,7 @@ class KVBridgeScheduler:
             remote_host=host,
             remote_port=int(port),
             remote_addresses=self.addresses,
+            remote_instance_ids=self.instance_ids,
             remote_num_tokens=num_tokens,
             tp_size=self.tp_size,
             layout_fingerprint=self.layout_fingerprint,

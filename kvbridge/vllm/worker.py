@@ -11,11 +11,33 @@ derived from vLLM's config and the real tensors, and drives one kvbridge
   reports them ``finished_recving`` when done, and every block of a failed
   pull through ``get_block_ids_with_load_errors`` so vLLM's
   ``kv_load_failure_policy`` (``fail`` or ``recompute``) applies.
+
+vLLM's contract, as its scheduler enforces it (``Scheduler.
+_update_from_kv_xfer_finished``, ``_handle_invalid_blocks``,
+``finish_requests`` in vLLM 0.32) - break one and the engine dies on an
+assert, so each is a rule of the state machine below and has a test:
+
+1. A request is reported ``finished_recving`` exactly once, and only one vLLM
+   waits on (``WAITING_FOR_REMOTE_KVS``): it came as a ``RecvSpec``. Hand-backs
+   (``ReleaseSpec``) never reach vLLM.
+2. A request vLLM aborts while its pull runs stays allocated in vLLM until we
+   report it (vLLM delays freeing its blocks): the pull is cancelled, the
+   request is reported once the pull has stopped writing, and the producer is
+   told to free its blocks.
+3. A failed load's blocks go to ``get_block_ids_with_load_errors`` in the same
+   pass that reports the request, once - only the corrupted ones when the
+   checksums name them (vLLM recomputes from the first), all of them otherwise.
+4. A request is reported ``finished_sending`` exactly once, only after vLLM
+   handed it over (``SendSpec``: ``request_finished`` returned True), and once
+   no consumer can read its blocks any more: read, released or expired. A
+   request whose publish failed is released first, then reported.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
@@ -29,6 +51,7 @@ from kvbridge.vllm.metadata import (
     KVBridgeConnectorMetadata,
     KVBridgeHandshakeMetadata,
     KVBridgeWorkerMetadata,
+    RecvSpec,
 )
 from kvbridge.vllm.stats import KVBridgeKVConnectorStats
 from kvbridge.vllm_layout import layout_from_vllm, ordered_kv_regions, ordered_layer_names
@@ -40,6 +63,18 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 
+@dataclass
+class _Load:
+    """A pull vLLM waits on. ``handle`` is None when it failed before it could
+    start (``error`` says why); ``aborted``: vLLM finished the request."""
+
+    spec: RecvSpec
+    handle: TransferHandle | None = None
+    error: str | None = None
+    peer: str | None = None
+    aborted: bool = False
+
+
 class KVBridgeWorker:
     def __init__(self, vllm_config: VllmConfig, engine_id: str):
         self.vllm_config = vllm_config
@@ -47,13 +82,16 @@ class KVBridgeWorker:
         self.engine_id = engine_id
         self.agent: KVAgent | None = None
         self.cache: PagedKVCache | None = None
-        self._recving: dict[str, tuple[TransferHandle, list[int]]] = {}
+        #: consumer: requests vLLM waits on, until reported received (rules 1-3)
+        self._loads: dict[str, _Load] = {}
         self._load_errors: set[int] = set()
-        self._published: set[str] = set()
-        #: requests whose publish failed: reported sent at once so vLLM frees them
-        self._unpublishable: set[str] = set()
-        #: released (read/expired) -> reason, until this worker's step knows them
-        self._released: dict[str, str] = {}
+        #: producer: requests vLLM handed over, until reported sent (rule 4)
+        self._sending: set[str] = set()
+        #: producer: released before this worker's step saw them (the scheduler
+        #: published them over the control connection first) -> reason
+        self._released_early: OrderedDict[str, str] = OrderedDict()
+        #: producer: to report sent at the next get_finished
+        self._send_done: set[str] = set()
         self._stats = KVBridgeKVConnectorStats()
         self._finished_transfers: dict[str, tuple[int, float, int]] = {}
         self._tp_rank = 0
@@ -115,68 +153,131 @@ class KVBridgeWorker:
             return None
         address = self.agent.address if self.config.is_producer else None
         return KVBridgeHandshakeMetadata(address, self.cache.layout.fingerprint(),
-                                         self.cache.layout.to_dict())
+                                         self.cache.layout.to_dict(), self.agent.instance_id)
 
     def start_load_kv(self, meta: KVBridgeConnectorMetadata) -> None:
         assert self.agent is not None
         for req_id, spec in meta.reqs_to_send.items():
-            # The scheduler usually published it already over the control
-            # connection; publishing again is a no-op (and never revives a
-            # request that was read or released meanwhile).
-            try:
-                self.agent.publish(req_id, spec.block_ids, num_tokens=spec.num_tokens)
-                self._stats.bump("num_published")
-                self._published.add(req_id)
-            except Exception as e:  # noqa: BLE001 - never strand the blocks
-                logger.error("KVBridgeConnector: cannot publish request %s: %s; freeing its "
-                             "blocks", req_id, e)
-                self._unpublishable.add(req_id)
+            self._start_send(req_id, spec.block_ids, spec.num_tokens)
+        for spec in meta.reqs_to_release:
+            peer = self._rank_address(spec.addresses)
+            if peer is not None:
+                self.agent.release_remote(peer, spec.remote_request_id, spec.reason)
+                self._stats.bump("num_released")
         for req_id, spec in meta.reqs_to_recv.items():
-            if len(spec.addresses) <= self._tp_rank:
-                logger.error("KVBridgeConnector: request %s: producer has %d ranks, this is "
-                             "rank %d", req_id, len(spec.addresses), self._tp_rank)
-                self._load_errors.update(spec.local_block_ids)
-                self._recving[req_id] = (None, spec.local_block_ids)
-                continue
-            handle = self.agent.pull_blocks(spec.addresses[self._tp_rank],
-                                            spec.remote_request_id, spec.remote_block_ids,
-                                            spec.local_block_ids)
-            self._recving[req_id] = (handle, spec.local_block_ids)
+            self._start_load(req_id, spec)
 
-    def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
-        assert self.agent is not None
-        done_recving: set[str] = set()
-        for req_id, (handle, local_ids) in list(self._recving.items()):
-            if handle is not None and not handle.done():
-                continue
-            del self._recving[req_id]
-            done_recving.add(req_id)
-            if handle is None:
-                self._stats.record_failure()
-                continue
-            if handle.state == TransferState.DONE:
-                self._stats.record_transfer(handle.nbytes, handle.duration_s or 0.0)
-                self._finished_transfers[req_id] = (handle.nbytes, handle.duration_s or 0.0,
-                                                    len(local_ids))
-            else:
-                self._stats.record_failure()
-                self._load_errors.update(local_ids)
-                logger.error("KVBridgeConnector: load of request %s failed (%s): %s; %d blocks "
-                             "reported as load errors", req_id, handle.state.value, handle.error,
-                             len(local_ids))
-        done_sending: set[str] = set(self._unpublishable)
-        self._unpublishable.clear()
+    def _rank_address(self, addresses: list[str]) -> str | None:
+        return addresses[self._tp_rank] if len(addresses) > self._tp_rank else None
+
+    # -- producer (rule 4) --
+    def _start_send(self, req_id: str, block_ids: list[int], num_tokens: int) -> None:
+        if req_id in self._sending:
+            return
+        if self._released_early.pop(req_id, None) is not None:
+            # Read (or released) before this step saw it: the scheduler's
+            # control publish came first. Done already.
+            self._send_done.add(req_id)
+            return
+        self._sending.add(req_id)
+        try:
+            # Usually published already over the control connection; again is
+            # a no-op that never revives a request read or released meanwhile.
+            self.agent.publish(req_id, block_ids, num_tokens=num_tokens)
+            self._stats.bump("num_published")
+        except Exception as e:  # noqa: BLE001 - never strand the blocks
+            logger.error("KVBridgeConnector: cannot publish request %s: %s; freeing its "
+                         "blocks", req_id, e)
+            # The control publish may have made them readable: take that back
+            # before vLLM frees (and reuses) the blocks. Its release event then
+            # reports the request; if nothing was held, report it now.
+            if not self.agent.release(req_id):
+                self._sending.discard(req_id)
+                self._send_done.add(req_id)
+
+    def _poll_sent(self) -> set[str]:
+        done, self._send_done = self._send_done, set()
         for req_id, reason in self.agent.poll_released():
-            self._released[req_id] = reason
             if reason == "expired":
                 self._stats.bump("num_expired_leases")
-        # A request can be read before this worker's step saw it (the scheduler
-        # published it directly): report it once both are known.
-        for req_id in [r for r in self._released if r in self._published]:
-            del self._released[req_id]
-            self._published.discard(req_id)
-            done_sending.add(req_id)
-        return done_sending or None, done_recving or None
+            if req_id in self._sending:
+                self._sending.discard(req_id)
+                done.add(req_id)
+            else:
+                self._released_early[req_id] = reason
+                while len(self._released_early) > 8192:
+                    self._released_early.popitem(last=False)
+        return done
+
+    # -- consumer (rules 1-3) --
+    def _start_load(self, req_id: str, spec: RecvSpec) -> None:
+        if req_id in self._loads:
+            logger.warning("KVBridgeConnector: request %s is already loading; ignoring a "
+                           "second load for it", req_id)
+            return
+        load = _Load(spec)
+        self._loads[req_id] = load
+        peer = self._rank_address(spec.addresses)
+        if peer is None:
+            load.error = (f"the producer has {len(spec.addresses)} TP ranks, this is rank "
+                          f"{self._tp_rank}")
+            return
+        load.peer = peer
+        instance = (spec.instance_ids[self._tp_rank]
+                    if spec.instance_ids and len(spec.instance_ids) > self._tp_rank else None)
+        try:
+            load.handle = self.agent.pull_blocks(peer, spec.remote_request_id,
+                                                 spec.remote_block_ids, spec.local_block_ids,
+                                                 producer_instance=instance)
+        except Exception as e:  # noqa: BLE001 - bad ids etc.: a load error, not a crash
+            load.error = f"{type(e).__name__}: {e}"
+
+    def get_finished(self, finished_req_ids: set[str] | None = None,
+                     ) -> tuple[set[str] | None, set[str] | None]:
+        assert self.agent is not None
+        # Rule 2: aborted while loading - stop the pull; vLLM keeps the blocks
+        # until we report the request below.
+        for req_id in (finished_req_ids or set()) & self._loads.keys():
+            load = self._loads[req_id]
+            if not load.aborted:
+                load.aborted = True
+                if load.handle is not None:
+                    load.handle.cancel()
+        done_recving: set[str] = set()
+        for req_id, load in list(self._loads.items()):
+            if load.handle is not None and not load.handle.done():
+                continue
+            del self._loads[req_id]
+            done_recving.add(req_id)
+            self._finish_load(req_id, load)
+        return self._poll_sent() or None, done_recving or None
+
+    def _finish_load(self, req_id: str, load: _Load) -> None:
+        spec, handle = load.spec, load.handle
+        if load.aborted:
+            self._stats.bump("num_aborted_loads")
+            if load.peer is not None and (handle is None or handle.state != TransferState.DONE):
+                self.agent.release_remote(load.peer, spec.remote_request_id, "aborted")
+            return
+        if handle is not None and handle.state == TransferState.DONE:
+            self._stats.record_transfer(handle.nbytes, handle.duration_s or 0.0)
+            self._finished_transfers[req_id] = (handle.nbytes, handle.duration_s or 0.0,
+                                                len(spec.local_block_ids))
+            # Rule 3: blocks the producer never sent (logged when scheduled).
+            self._load_errors.update(spec.missing_local_ids)
+            return
+        self._stats.record_failure()
+        bad = list(spec.local_block_ids)
+        if handle is not None and handle.invalid_local_ids:
+            self._stats.bump("num_checksum_failures")
+            bad = handle.invalid_local_ids
+        self._load_errors.update(bad)
+        self._load_errors.update(spec.missing_local_ids)
+        logger.error("KVBridgeConnector: load of request %s failed: %s (producer %s, "
+                     "remote request %s, %d of %d blocks reported as load errors)", req_id,
+                     handle.error if handle is not None else load.error, load.peer,
+                     spec.remote_request_id, len(bad) + len(spec.missing_local_ids),
+                     len(spec.local_block_ids) + len(spec.missing_local_ids))
 
     def build_worker_meta(self) -> KVBridgeWorkerMetadata | None:
         if not self._finished_transfers:
