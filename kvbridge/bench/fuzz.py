@@ -74,7 +74,9 @@ def _producer_main(pipe: Connection, backend: str, secret: bytes) -> None:
 
     def excepthook(a: threading.ExceptHookArgs) -> None:
         # An exception no handler caught killed a thread: a server bug.
-        kind = a.thread.name.rsplit("-", 1)[0] if a.thread else "?"  # no port numbers
+        # "tcp-conn-50412" -> "conn": the same bug reads the same on every backend
+        kind = "-".join(p for p in a.thread.name.split("-")[1:] if not p.isdigit()) \
+            if a.thread else "?"
         errors.append(f"{a.exc_type.__name__}: {str(a.exc_value)[:200]} (thread {kind})")
 
     class _Count(logging.Handler):
@@ -224,7 +226,7 @@ def _example(seed: int, index: int, case, out, backend: str) -> dict:
 def new_result(backend: str, inputs: int) -> dict:
     return {"transport": backend, "inputs": inputs, "outcomes": Counter(),
             "by_class": {c: Counter() for c in CLASSES}, "by_variant": {}, "unexpected": 0,
-            "unexpected_by_variant": Counter(), "examples": [], "crashes": [], "hung": 0,
+            "unexpected_by_variant": Counter(), "first_unexpected": {}, "examples": [], "crashes": [], "hung": 0,
             "resets": 0, "refused": 0, "thread_exceptions": [], "still_serving": False,
             "still_serving_error": None, "leaked_threads": None, "leaked_fds": None,
             "elapsed_s": 0.0, "inputs_per_s": 0.0, "error": None}
@@ -270,7 +272,10 @@ def fuzz_backend(backend: str, indices: list[int], seed: int, deadline_s: float,
                       f"{out.note} -> {'ok' if ok else 'UNEXPECTED'}")
             if not ok:
                 res["unexpected"] += 1
-                res["unexpected_by_variant"][variant] += 1
+                key = f"{variant} -> {out.label}"
+                res["unexpected_by_variant"][key] += 1
+                res["first_unexpected"].setdefault(key, {"index": i,
+                                                         "expected": sorted(case.expect)})
                 if len(res["examples"]) < EXAMPLES:
                     res["examples"].append(_example(seed, i, case, out, backend))
             if not prod.alive():
@@ -335,7 +340,8 @@ def failures(res: dict) -> list[str]:
 
 # -- report --------------------------------------------------------------------------
 
-def render(results: list[dict]) -> str:
+def render(results: list[dict], seed: int) -> str:
+    names = [r["transport"] for r in results]
     summary = table(
         ["transport", "inputs", "error frames", "closed", "other replies", "hung", "crashes",
          "unexpected", "thread exc.", "still serving", "leaked thr/fds", "inputs/s"],
@@ -347,29 +353,38 @@ def render(results: list[dict]) -> str:
           "yes" if r["still_serving"] else "NO",
           "?" if r["leaked_fds"] is None else f"{r['leaked_threads']}/{r['leaked_fds']}",
           f"{r['inputs_per_s']:.0f}"] for r in results])
-    labels = sorted({k for r in results for k in r["outcomes"]},
-                    key=lambda k: (not k.startswith("error:"), not k.startswith("pull:"), k))
-    outcomes = table(["reply", *(r["transport"] for r in results)],
+    order = lambda k: (not k.startswith("error:"), not k.startswith("pull:"), k)  # noqa: E731
+    labels = sorted({k for r in results for k in r["outcomes"]}, key=order)
+    outcomes = table(["reply", *names],
                      [[k, *(r["outcomes"].get(k, 0) for r in results)] for k in labels])
-    classes = table(
-        ["input class", *(r["transport"] for r in results)],
-        [[c, *(", ".join(f"{k} {v}" for k, v in sorted(r["by_class"][c].items(),
-                                                         key=lambda kv: -kv[1]))
-               for r in results)] for c in CLASSES])
+    rows = []
+    for c in CLASSES:
+        got = sorted({k for r in results for k in r["by_class"].get(c, {})}, key=order)
+        rows += [[c if n == 0 else "", k, *(r["by_class"][c].get(k, 0) for r in results)]
+                 for n, k in enumerate(got)]
+    classes = table(["input class", "reply", *names], rows)
     parts = [summary, "replies by kind (error frames by code):\n" + outcomes,
              "replies by input class:\n" + classes]
-    for r in results:
-        if r["unexpected_by_variant"]:
-            parts.append(f"{r['transport']}: unexpected replies by input: " + ", ".join(
-                f"{k} {v}" for k, v in sorted(r["unexpected_by_variant"].items())))
-        for e in r["examples"][:3] + r["crashes"][:3]:
-            parts.append(f"{r['transport']}: input #{e['index']} {e['class']}/{e['variant']}: "
-                         f"expected {e['expected']}, got {e['got']} {e['note']}\n"
-                         f"  replay: {e['replay']}")
-        for t in sorted(set(r["thread_exceptions"]))[:3]:
-            parts.append(f"{r['transport']}: producer thread died: {t} "
-                         f"(x{r['thread_exceptions'].count(t)})")
-    return "\n\n".join(parts)
+    keys = sorted({k for r in results for k in r["unexpected_by_variant"]})
+    if keys:
+        first = {k: r["first_unexpected"][k] for r in reversed(results)
+                 for k in r["first_unexpected"]}
+        parts.append("unexpected replies (input -> reply: count):\n" + table(
+            ["input -> reply", "expected", *names, "replay one (with --transports T)"],
+            [[k, " or ".join(first[k]["expected"]),
+              *(r["unexpected_by_variant"].get(k, 0) for r in results),
+              f"--seed {seed} --only {first[k]['index']}"] for k in keys]))
+    crashes = [(r["transport"], c) for r in results for c in r["crashes"]]
+    for name, c in crashes[:10]:
+        parts.append(f"CRASH {name}: input #{c['index']} {c['class']}/{c['variant']} "
+                     f"(exit code {c['exitcode']}): {c['replay']}")
+    died = sorted({t for r in results for t in r["thread_exceptions"]})
+    if died:
+        parts.append("producer threads killed by an unhandled exception:\n" + table(
+            ["exception", *names], [[t, *(r["thread_exceptions"].count(t) for r in results)]
+                                    for t in died]))
+    errors = [f"{r['transport']}: {r['error']}" for r in results if r["error"]]
+    return "\n\n".join(parts + errors)
 
 
 # -- entry points ------------------------------------------------------------------------
@@ -432,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
             res["error"] = f"{type(e).__name__}: {e}"
             results.append(finish(res))
     elapsed = time.perf_counter() - started
-    text = render(results)
+    text = render(results, seed)
     footer = (f"seed {seed}; {len(indices)} inputs per transport in {len(CLASSES)} classes "
               f"({', '.join(CLASSES)}), each on a fresh connection, write side shut after "
               f"sending; reply deadline {deadline:g} s; producer: a real transport in its "

@@ -370,8 +370,10 @@ def _post_handshake(rng: random.Random, target: Target) -> Case:
         return Case("", variant, err, frame({"type": "X" + _rid(rng), "xfer_id": x}), shake)
     if variant == "wrong_field_type":
         body = as_dict(P.Pull(x, decoy, blocks))
-        key = rng.choice(["xfer_id", "request_id", "block_ids"])
-        body[key] = rng.choice([str(x), [key], {"a": 1}, 1.5, None, b"\x00"])
+        wrong = {"xfer_id": [str(x), [x]], "request_id": [x, [decoy]],
+                 "block_ids": [str(x), ["a"]]}
+        key = rng.choice(list(wrong))
+        body[key] = rng.choice(wrong[key] + [{"a": 1}, 1.5, None, b"\x00"])
         return Case("", variant, err, frame(body), shake)
     if variant == "data_frame":
         return Case("", variant, err, P.data_header(rng.choice([0, 64, (1 << 32) - 1])), shake)
