@@ -226,10 +226,10 @@ def _example(seed: int, index: int, case, out, backend: str) -> dict:
 def new_result(backend: str, inputs: int) -> dict:
     return {"transport": backend, "inputs": inputs, "outcomes": Counter(),
             "by_class": {c: Counter() for c in CLASSES}, "by_variant": {}, "unexpected": 0,
-            "unexpected_by_variant": Counter(), "first_unexpected": {}, "examples": [], "crashes": [], "hung": 0,
-            "resets": 0, "refused": 0, "thread_exceptions": [], "still_serving": False,
-            "still_serving_error": None, "leaked_threads": None, "leaked_fds": None,
-            "elapsed_s": 0.0, "inputs_per_s": 0.0, "error": None}
+            "unexpected_by_variant": Counter(), "first_unexpected": {}, "examples": [],
+            "crashes": [], "hung": 0, "resets": 0, "refused": 0, "thread_exceptions": [],
+            "still_serving": False, "still_serving_error": None, "leaked_threads": None,
+            "leaked_fds": None, "elapsed_s": 0.0, "inputs_per_s": 0.0, "error": None}
 
 
 def fuzz_backend(backend: str, indices: list[int], seed: int, deadline_s: float,

@@ -316,7 +316,8 @@ def _layout(rng: random.Random, target: Target) -> Case:
         return Case("", variant, frozenset({"error:backend"}),
                     shake=Shake(backend=other, wait_accept=False))
     if variant == "no_backend":
-        return Case("", variant, frozenset({"error:backend"}), shake=Shake(backend="", wait_accept=False))
+        return Case("", variant, frozenset({"error:backend"}),
+                    shake=Shake(backend="", wait_accept=False))
     if variant == "foreign_host":
         return Case("", variant, frozenset({"error:backend"}),
                     shake=Shake(info={"boot_id": _rid(rng), "pidns": "pid:[1]"}, wait_accept=False))
@@ -395,10 +396,11 @@ def _post_handshake(rng: random.Random, target: Target) -> Case:
         return Case("", variant, err, frame(body), shake)
     # control: a control client (the scheduler) may only Publish; a bad Publish
     # is logged and ignored, then anything else closes the connection.
+    unpublished = [b for b in range(target.num_blocks) if b not in blocks][:2]
     pub = rng.choice([P.Publish(_rid(rng), [target.num_blocks + 1]),
                       P.Publish(_rid(rng), blocks[:1] * 2),
                       P.Publish(_rid(rng), blocks, num_tokens=-1),
-                      P.Publish(decoy, [b for b in range(target.num_blocks) if b not in blocks][:2])])
+                      P.Publish(decoy, unpublished)])
     return Case("", variant, err, P.encode(pub) + P.encode(P.Pull(x, decoy, blocks)),
                 Shake(backend="control"))
 
