@@ -54,10 +54,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def command_line() -> str:
-    """The command that produced a result: ``kvbridge …`` for the CLI, else
-    ``python script.py …``."""
+    """The command that produced a result: ``kvbridge …`` for the CLI,
+    ``python -m module …`` or ``python script.py …``."""
     prog = os.path.basename(sys.argv[0]) if sys.argv else ""
-    head = "kvbridge" if prog == "kvbridge" else f"python {sys.argv[0]}" if sys.argv else "python"
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if prog == "kvbridge":
+        head = "kvbridge"
+    elif spec is not None and spec.name:  # python -m package.module
+        head = f"python -m {spec.name}"
+    else:
+        head = f"python {sys.argv[0]}" if sys.argv else "python"
     return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
