@@ -185,6 +185,10 @@ def decode(body: bytes) -> Message:
         return _decoder.decode(body)
     except msgspec.DecodeError as e:  # ValidationError is a subclass
         raise ProtocolError(f"undecodable message: {e}") from None
+    except (RecursionError, ValueError, OverflowError) as e:
+        # msgspec recurses into nested containers (an unknown field it skips
+        # too): about 1000 levels, ~1 KB of input, raise RecursionError.
+        raise ProtocolError(f"undecodable message: {type(e).__name__}") from None
 
 
 # -- framed socket I/O ----------------------------------------------------------
@@ -217,10 +221,17 @@ def recv_header(sock: socket.socket) -> tuple[int, int]:
     return kind, length
 
 
-def recv_message(sock: socket.socket) -> Message:
+#: Largest message before the peer authenticated (Hello, Handshake): a
+#: stranger cannot make the producer allocate MAX_MESSAGE_BYTES per connection.
+MAX_HANDSHAKE_BYTES = 256 << 10
+
+
+def recv_message(sock: socket.socket, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     kind, length = recv_header(sock)
     if kind != KIND_MSG:
         raise ProtocolError("expected a message frame, got a data frame")
+    if length > max_bytes:
+        raise ProtocolError(f"oversized message frame: {length} bytes > {max_bytes}")
     body = bytearray(length)
     try:
         recv_exact_into(sock, memoryview(body))

@@ -270,16 +270,18 @@ def _oversized(rng: random.Random, target: Target) -> Case:
     if variant == "unknown_kind":
         kind = rng.choice([k for k in range(256) if k not in (P.KIND_MSG, P.KIND_DATA)])
         return Case("", variant, err, P.HEADER.pack(P.MAGIC, kind, rng.randrange(1 << 32)))
+    # Before authentication a message may be at most MAX_HANDSHAKE_BYTES.
+    limit = P.MAX_HANDSHAKE_BYTES
     if variant == "max_cut":  # a legal length whose body never comes
         return Case("", variant, frozenset({"closed"}),
-                    P.HEADER.pack(P.MAGIC, P.KIND_MSG, P.MAX_MESSAGE_BYTES) + rng.randbytes(64))
+                    P.HEADER.pack(P.MAGIC, P.KIND_MSG, limit) + rng.randbytes(64))
     # A Hello padded (agent string) to exactly the limit, or one byte over.
     over = variant == "max_plus_one"
     base = msgspec.msgpack.encode(P.Hello(P.PROTOCOL_VERSION, rng.randbytes(16), ""))
     # "agent": "" -> a str32 of n bytes adds 4 header bytes: solve for the body size.
-    pad = P.MAX_MESSAGE_BYTES + over - len(base) - 4
+    pad = limit + over - len(base) - 4
     body = msgspec.msgpack.encode(P.Hello(P.PROTOCOL_VERSION, rng.randbytes(16), "a" * pad))
-    assert len(body) == P.MAX_MESSAGE_BYTES + over, len(body)
+    assert len(body) == limit + over, len(body)
     return Case("", variant, err if over else frozenset({"closed"}), frame(body))
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import logging
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -600,7 +601,12 @@ class Transport:
             conn.settimeout(self.config.handshake_timeout_s)
             if not self._server_handshake(conn, peer, state):
                 return
+            # Idle consumers may wait between pulls (blocking recv), but one
+            # that stops reading mid-transfer must not hold this thread and
+            # its leases forever: sends time out.
             conn.settimeout(None)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            struct.pack("ll", int(self.config.transfer_timeout_s), 0))
             while not self._closing.is_set():
                 msg = P.recv_message(conn)
                 if isinstance(msg, P.Release) and not state.control:
@@ -633,6 +639,11 @@ class Transport:
         except OSError as e:
             if not self._closing.is_set():
                 logger.info("kvbridge: connection from %s ended: %s", peer, e)
+        except Exception as e:  # noqa: BLE001 - one bad peer never kills the listener
+            self.stats.protocol_errors += 1
+            logger.exception("kvbridge: closing connection from %s after an internal error",
+                             peer)
+            self._try_send(conn, P.Error("internal", f"{type(e).__name__}: {e}"[:500]))
         finally:
             for request_id in state.granted.values():
                 self.leases.end_read(request_id, ok=False)
@@ -647,7 +658,7 @@ class Transport:
             pass
 
     def _server_handshake(self, conn: socket.socket, peer: str, state: ServerConn) -> bool:
-        hello = P.recv_message(conn)
+        hello = P.recv_message(conn, P.MAX_HANDSHAKE_BYTES)
         if not isinstance(hello, P.Hello):
             raise P.ProtocolError(f"expected Hello, got {type(hello).__name__}")
         if hello.protocol_version != P.PROTOCOL_VERSION:
@@ -658,7 +669,7 @@ class Transport:
             return False
         nonce = P.new_nonce()
         P.send_message(conn, P.Challenge(P.PROTOCOL_VERSION, nonce, self.secret is not None))
-        hs = P.recv_message(conn)
+        hs = P.recv_message(conn, P.MAX_HANDSHAKE_BYTES)
         if not isinstance(hs, P.Handshake):
             raise P.ProtocolError(f"expected Handshake, got {type(hs).__name__}")
         if not P.verify_mac(self.secret, hs.mac, b"client", nonce, hello.nonce):
@@ -957,6 +968,9 @@ class Transport:
             reason = f"producer {conn.address} closed the connection ({e})"
         except (P.ProtocolError, TransferError, OSError) as e:
             reason = f"connection to producer {conn.address} failed: {e}"
+        except Exception as e:  # noqa: BLE001 - fail the pulls, never hang them
+            logger.exception("kvbridge: reader for %s failed", conn.address)
+            reason = f"connection to producer {conn.address} failed: {type(e).__name__}: {e}"
         finally:
             self._close_peer(conn, reason)
 
