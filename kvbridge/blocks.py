@@ -191,14 +191,16 @@ class PagedKVCache:
         ``process_vm_readv``) straight from and into the cache. CPU only."""
         if self.device.type != "cpu":
             raise ValueError("block_buffers needs host memory; stage device memory first")
-        self.region_arrays()
-        out = []
+        views = self.region_arrays()
+        return [memoryview(views[r][start:start + count]).cast("B")
+                for r, start, count in self.block_runs(block_ids)]
+
+    def block_runs(self, block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+        """(region, first block id, count) of each buffer ``block_buffers``
+        returns, in the same order."""
         packed = self.num_blocks == 1 or self._byte_views[0].stride(0) == self.layout.block_bytes
         runs = _runs(block_ids, packed)
-        for v in self._np_views:
-            for start, count in runs:
-                out.append(memoryview(v[start:start + count]).cast("B"))
-        return out
+        return [(r, start, count) for r in range(len(self._byte_views)) for start, count in runs]
 
     def staging_bytes(self, num_blocks: int) -> int:
         return num_blocks * self.layout.bytes_per_block_all_layers

@@ -220,7 +220,8 @@ def poison_blocks(cache, block_ids: Sequence[int]) -> None:
 
 # -- helper processes (module level, so the spawn context can pickle them) ------------
 
-def _producer_main(pipe: Connection, backend: str, blocks: dict[str, int], seed: int) -> None:
+def _producer_main(pipe: Connection, backend: str, blocks: dict[str, int], seed: int,
+                   checksum: bool = True) -> None:
     """A kvbridge producer: one transport of ``backend`` per block shape.
 
     Commands (tuples) -> replies ``("ok", value)`` or ``("error", message)``:
@@ -235,7 +236,8 @@ def _producer_main(pipe: Connection, backend: str, blocks: dict[str, int], seed:
         addresses = {}
         for shape, num_blocks in blocks.items():
             caches[shape] = make_cache(shape, num_blocks, seed)
-            transports[shape] = create_transport(backend, caches[shape], TransportConfig())
+            transports[shape] = create_transport(backend, caches[shape],
+                                                 TransportConfig(checksum=checksum))
             addresses[shape] = transports[shape].serve()
         pipe.send(("ok", addresses))
     except Exception as e:  # noqa: BLE001 - reported to the parent
@@ -486,15 +488,25 @@ def block_ids(case: Case, num_blocks: int, side: str) -> list[int]:
                                                                      case.blocks)
 
 
+def series_name(backend: str, checksum: bool) -> str:
+    """``tcp`` (end-to-end checksums on, the default) or ``tcp-nocsum``."""
+    return backend if checksum else f"{backend}{NO_CHECKSUM}"
+
+
+NO_CHECKSUM = "-nocsum"
+
+
 def bench_backend(backend: str, cases: list[Case], blocks: dict[str, int],
-                  consumers: ConsumerCaches, timing: Timing, prog: Progress) -> list[dict]:
+                  consumers: ConsumerCaches, timing: Timing, prog: Progress,
+                  checksum: bool = True) -> list[dict]:
     from kvbridge.transport import TransferState, TransportConfig, create_transport
 
     ctx = mp.get_context("spawn")
     pipe, child = ctx.Pipe()
     shapes = {c.shape: blocks[c.shape] for c in cases}
-    proc = ctx.Process(target=_producer_main, args=(child, backend, shapes, SEED),
-                       daemon=True, name=f"kvbridge-bench-{backend}-producer")
+    name = series_name(backend, checksum)
+    proc = ctx.Process(target=_producer_main, args=(child, backend, shapes, SEED, checksum),
+                       daemon=True, name=f"kvbridge-bench-{name}-producer")
     results: list[dict] = []
     t0 = time.perf_counter()
     proc.start()
@@ -503,19 +515,19 @@ def bench_backend(backend: str, cases: list[Case], blocks: dict[str, int],
         try:
             addresses = _reply(pipe, proc, START_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - every case of this backend fails
-            return _all_failed(backend, cases, str(e), prog)
-        prog.step(f"{backend}: producer ready ({time.perf_counter() - t0:.1f} s)")
+            return _all_failed(name, cases, str(e), prog)
+        prog.step(f"{name}: producer ready ({time.perf_counter() - t0:.1f} s)")
         counter = iter(range(1 << 30))
         for shape in dict.fromkeys(c.shape for c in cases):
             shape_cases = [c for c in cases if c.shape == shape]
             cache = consumers.get(shape)
             try:
-                transport = create_transport(backend, cache, TransportConfig())
+                transport = create_transport(backend, cache, TransportConfig(checksum=checksum))
             except Exception as e:  # noqa: BLE001 - this shape's cases fail, the run goes on
                 for case in shape_cases:
-                    results.append(_result(backend, case, None, False,
+                    results.append(_result(name, case, None, False,
                                            f"consumer failed to start: {type(e).__name__}: {e}"))
-                    prog.step(_label(backend, case, results[-1]))
+                    prog.step(_label(name, case, results[-1]))
                 continue
             try:
                 for case in shape_cases:
@@ -545,16 +557,16 @@ def bench_backend(backend: str, cases: list[Case], blocks: dict[str, int],
                         pipe.send(("digest", shape, remote))
                         mine = cache_digest(cache, local)
                         verified = _reply(pipe, proc, 60.0) == mine
-                        res = _result(backend, case, samples, verified,
+                        res = _result(name, case, samples, verified,
                                       None if verified else "digest mismatch",
                                       # (the warm-up pull's duration left out)
                                       transfer_us=statistics.median(
                                           durations[-len(samples):]) * 1e6
                                       if durations else None)
                     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                        res = _result(backend, case, None, False, f"{type(e).__name__}: {e}")
+                        res = _result(name, case, None, False, f"{type(e).__name__}: {e}")
                     results.append(res)
-                    prog.step(_label(backend, case, res))
+                    prog.step(_label(name, case, res))
                 # The warm-up pull connected and checked layouts once per peer.
                 m = transport.metrics()
                 if m.get("handshakes"):
@@ -742,6 +754,20 @@ def bench_nixl_raw(cases: list[Case], timing: Timing, prog: Progress) -> list[di
 
 # -- report ----------------------------------------------------------------------------------
 
+def checksum_cost(results: list[dict], backends: Sequence[str]) -> list[str]:
+    """One line per backend: throughput with checksums over without, per size."""
+    gbps = {(r["backend"], r["bytes"]): r["gbps"] for r in results if r["gbps"]}
+    lines = []
+    for b in backends:
+        parts = [f"{fmt_bytes(n)} {gbps[(b, n)] / gbps[(series_name(b, False), n)]:.2f}x"
+                 for (name, n) in sorted(k for k in gbps if k[0] == b)
+                 if (series_name(b, False), n) in gbps]
+        if parts:
+            lines.append(f"checksum cost, {b}: GB/s with / without checksums: "
+                         + ", ".join(parts))
+    return lines
+
+
 def add_ratios(results: list[dict], backends: Sequence[str]) -> None:
     """Each backend's GB/s over each baseline's at the same bytes, in place."""
     base = {(r["backend"], r["bytes"]): r["gbps"] for r in results
@@ -863,6 +889,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
               "in steps of 4x)")
     _add(parser, "--block", choices=["auto", *BLOCK_SHAPES], default="auto",
          help="block shape for every size (default: by size, see the module docs)")
+    _add(parser, "--checksum", choices=["both", "on", "off"], default="both",
+         help="end-to-end KV checksums: measure each backend with them (the default "
+              "config) and without (series NAME-nocsum), or only one way [both]")
     _add(parser, "--reps", type=int, default=5,
          help="least repetitions per measurement; the median is reported [5]")
 
@@ -909,22 +938,26 @@ def run(args: argparse.Namespace) -> int:
             baselines.append("nixl-raw")
         else:
             notes.append("nixl-raw skipped: nixl does not import here")
-    series = [*backends, *baselines]
+    modes = {"both": [True, False], "on": [True], "off": [False]}[
+        getattr(args, "checksum", None) or "both"]
+    runs = [(b, c) for b in backends for c in modes]
+    kv_series = [series_name(b, c) for b, c in runs]
+    series = [*kv_series, *baselines]
     timing = Timing(min_reps=max(1, getattr(args, "reps", 5) or 5),
                     min_time=0.15 if quick else 0.5)
     # Scattered ids need room: caches hold twice the most blocks a case pulls.
     blocks = {shape: max(4, 2 * max(c.blocks for c in cases if c.shape == shape))
               for shape in dict.fromkeys(c.shape for c in cases)}
 
-    startups = len(backends) + sum(b != "memcpy" for b in baselines)
+    startups = len(runs) + sum(b != "memcpy" for b in baselines)
     prog = Progress(startups + len(series) * len(cases))
     started = time.perf_counter()
     # Other work on the machine skews every number; keep the load next to them.
     load_start = os.getloadavg()[0]
     results: list[dict] = []
     consumers = ConsumerCaches(blocks)
-    for backend in backends:
-        results += bench_backend(backend, cases, blocks, consumers, timing, prog)
+    for backend, checksum in runs:
+        results += bench_backend(backend, cases, blocks, consumers, timing, prog, checksum)
     del consumers  # free the consumer caches before the baselines allocate
     if "memcpy" in baselines:
         results += bench_memcpy(cases, timing, prog)
@@ -933,9 +966,11 @@ def run(args: argparse.Namespace) -> int:
     if "nixl-raw" in baselines:
         results += bench_nixl_raw(cases, timing, prog)
     elapsed = time.perf_counter() - started
-    add_ratios(results, backends)
+    add_ratios(results, kv_series)
 
-    text = render(cases, series, backends, results)
+    with_checksums = [series_name(b, True) for b in backends] if True in modes else kv_series
+    text = render(cases, series, with_checksums, results)
+    cost = checksum_cost(results, backends) if len(modes) == 2 else []
     print(text)
     shape_notes = ", ".join(
         f"{s} = [{h}, {bs}, {2 * hs}] ({fmt_bytes(layer_block_bytes(s))})"
@@ -946,7 +981,10 @@ def run(args: argparse.Namespace) -> int:
         f"block: layer-block [kv_heads, block_size, 2*head_size] bf16: {shape_notes}.",
         f"kvbridge backends ({', '.join(backends) or 'none'}): producer process -> consumer "
         "process over 127.0.0.1, random non-contiguous block ids on both sides, a fresh "
-        "request id per pull; latency = pull() to DONE.",
+        "request id per pull; latency = pull() to DONE, the consumer's checksum "
+        f"verification included (series {NO_CHECKSUM}: checksums off); the producer "
+        "digests blocks when it publishes, outside the timed pull.",
+        *cost,
     ]
     if baselines:
         footer.append("baselines move one contiguous buffer of the same bytes: memcpy = "
@@ -965,6 +1003,8 @@ def run(args: argparse.Namespace) -> int:
                f"on 127.0.0.1 ({os.cpu_count()} CPUs)")
     payload = {
         "backends": backends,
+        "series": kv_series,
+        "checksum_cost": cost,
         "baselines": baselines,
         "layers": NUM_LAYERS,
         "block_shapes": {s: {"kv_heads": h, "block_size": bs, "head_size": hs,

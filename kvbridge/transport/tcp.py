@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 
+from kvbridge import checksum
 from kvbridge import protocol as P
 from kvbridge.transport.base import PeerConnection, ServerConn, TransferHandle, Transport
 
@@ -40,13 +42,15 @@ def send_buffers(sock: socket.socket, bufs: list[memoryview]) -> None:
         bufs = _advance(bufs, sent)
 
 
-def recv_buffers(sock: socket.socket, bufs: list[memoryview], stall_s: float) -> None:
-    """Fill ``bufs`` from ``sock``; fail if no byte arrives for ``stall_s``."""
-    bufs = [b for b in bufs if len(b)]
-    last = time.monotonic()
-    while bufs:
+def recv_buffers(sock: socket.socket, bufs: list[memoryview], stall_s: float,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+    """Fill ``bufs`` from ``sock``; fail if no byte arrives for ``stall_s``.
+    ``progress(i, offset)``, if given, hears after each read that buffers
+    before ``i`` are full and buffer ``i`` holds ``offset`` bytes."""
+    i, off, last = 0, 0, time.monotonic()
+    while i < len(bufs):
         try:
-            got = sock.recvmsg_into(bufs[:IOV_MAX])[0]
+            got = sock.recvmsg_into([bufs[i][off:], *bufs[i + 1:i + IOV_MAX]])[0]
         except socket.timeout:
             if time.monotonic() - last > stall_s:
                 raise TimeoutError(f"no data for {stall_s:.0f} s mid-transfer") from None
@@ -54,7 +58,12 @@ def recv_buffers(sock: socket.socket, bufs: list[memoryview], stall_s: float) ->
         if got == 0:
             raise P.PeerClosed("producer closed the connection mid-transfer")
         last = time.monotonic()
-        bufs = _advance(bufs, got)
+        off += got
+        while i < len(bufs) and off >= len(bufs[i]):
+            off -= len(bufs[i])
+            i += 1
+        if progress is not None:
+            progress(i, off)
 
 
 class TcpTransport(Transport):
@@ -93,7 +102,12 @@ class TcpTransport(Transport):
                 self.cache.pool.release(scratch)
             return False
         if self.cache.device.type == "cpu":
-            recv_buffers(sock, self.cache.block_buffers(handle.local_ids), stall)
+            landing = (checksum.LandingDigests(self.cache, handle.local_ids)
+                       if self._verifies(grant) else None)
+            recv_buffers(sock, self.cache.block_buffers(handle.local_ids), stall,
+                         landing.progress if landing is not None else None)
+            if landing is not None:
+                handle.landed_digests = landing.digests(handle.local_ids)
         else:
             staging = self.cache.pool.acquire(length)
             try:
