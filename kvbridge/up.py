@@ -176,8 +176,12 @@ def start_stack(args: argparse.Namespace, model: str, log_dir: Path, stack: Stac
         if time.monotonic() > deadline:
             raise TimeoutError("router not ready after 60 s")
         time.sleep(0.3)
+    # Every server inherits $KVBRIDGE_SECRET: set it and the KV connections
+    # authenticate (a consumer without it is refused, naming auth).
+    auth = "shared secret from $KVBRIDGE_SECRET" if os.environ.get("KVBRIDGE_SECRET") else \
+        "off (set KVBRIDGE_SECRET to authenticate KV connections)"
     print(f"router ({args.router}) on {router_url}: {len(urls_p)} prefill, {len(urls_d)} decode "
-          f"instance(s), transport {args.transport}; logs in {log_dir}")
+          f"instance(s), transport {args.transport}, auth {auth}; logs in {log_dir}")
     return router_url
 
 
