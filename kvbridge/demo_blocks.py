@@ -117,7 +117,7 @@ def run_pair(src_ids: list[int], dst_ids: list[int], num_blocks: int, seed: int 
     proc = ctx.Process(target=producer, args=(q, src_ids, num_blocks, seed), daemon=True)
     proc.start()
     try:
-        port = q.get(timeout=60)
+        port = q.get(timeout=180)  # a spawned process imports torch: slow under load
         report = consumer(port, dst_ids, num_blocks)
     finally:
         proc.join(timeout=30)

@@ -50,7 +50,7 @@ class Producer:
                                 args=(child, backend, kw, config_kw or {}, {**ENV, **(env or {})}),
                                 daemon=True)
         self.proc.start()
-        if not self.pipe.poll(60):
+        if not self.pipe.poll(180):  # spawn imports torch: slow on a loaded machine
             self.kill()
             raise RuntimeError("producer did not start")
         self.address = self.pipe.recv()
