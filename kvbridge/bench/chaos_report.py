@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections import Counter
 
 from kvbridge.bench.common import table, write_results
@@ -175,8 +176,8 @@ def render(d: dict) -> str:
             "probes identical to the colocated reference",
             "failed with a clear error, by kind:"] + (_kinds(d["errors_by_kind"]) or
                                                      ["      none"])
-    out.append(f"fell back (within the outcomes above): proxy answered colocated (no prefill usable) "
-               f"{fb.get('proxy_colocated', 0)}; decode recomputed after a failed KV load "
+    out.append(f"fell back (within the outcomes above): proxy answered colocated (no prefill "
+               f"usable) {fb.get('proxy_colocated', 0)}; decode recomputed after a failed KV load "
                f"{fb.get('decode_recomputed', 0)}; disaggregated answer without a KV transfer "
                f"figure {fb.get('no_kv_transfer_figure', 0)}")
     for key, label in (("wrong", "wrong answers"), ("unclear", "failed without a clear "
@@ -229,7 +230,19 @@ def render(d: dict) -> str:
     events = [e for e in d["events"] if "CRASH" in e or "restarting" in e or "failed to" in e]
     if events:
         out += ["", "Crash events:"] + events[:10]
-    out += ["", f"Logs: {d['log_dir']}"]
+    out += ["", f"Logs: {d['log_dir']}", ""]
+    out += textwrap.wrap(
+            "Method: prefill and decode each pinned to a core; faults fire when a share of "
+            "the requests has been sent, so requests are in flight when they hit; while a "
+            f"fault recovers one request is sent every {plan['recovery_send_interval_s']:g} s "
+            f"(at most {plan['recovery_max_requests']} per fault). vLLM's CPU kernels are not "
+            "batch-invariant, so only the probe prompts are compared with the colocated "
+            "reference (a plain vLLM server, no connector, same block size, each prompt "
+            "alone), each round with the load paused and drained. Engine crashes: a server "
+            "process exiting by itself, /health answering an error, or vLLM's engine-death "
+            "lines in its log before the benchmark killed it; a crashed engine is restarted "
+            "and the run goes on. Blocks held: the prefill server's vllm:kv_cache_usage_perc "
+            "after the load, waited for up to the lease plus 15 s.", 100)
     return "\n".join(out)
 
 
