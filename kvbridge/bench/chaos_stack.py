@@ -60,6 +60,7 @@ class Incarnation:
     t_start: float
     t_ready: float | None = None
     #: "starting" | "up" | "stopped" (SIGSTOP) | "killed" (by us) | "crashed" | "ended"
+    #: | "failed_start"
     state: str = "starting"
     #: log bytes that belong to the engine's own life (set when we kill/stop it)
     log_limit: int | None = None
@@ -134,6 +135,7 @@ class Stack:
         deadline = time.monotonic() + timeout_s
         while True:
             if not inc.server.alive():
+                inc.state = "failed_start"  # reported by the caller, not as a crash
                 raise RuntimeError(f"{inc.label} exited with {inc.server.proc.returncode} "
                                    f"during start-up; last log lines ({inc.server.log_path}):\n"
                                    f"{inc.server.log_tail()}")
@@ -229,6 +231,8 @@ class Stack:
     def scan_log(self, inc: Incarnation) -> None:
         """Look for engine-death lines in the part of the log the engine wrote
         by itself (up to where we killed or stopped it)."""
+        if inc.state in ("starting", "failed_start"):
+            return  # a start-up failure is raised by wait_up, not counted here
         path = inc.server.log_path
         end = inc.log_limit if inc.log_limit is not None else _size(path)
         if end <= inc.log_scanned:
