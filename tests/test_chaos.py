@@ -143,7 +143,7 @@ def test_chaos_quick_end_to_end(tmp_path):
     s = data["summary"]
     assert set(s) == {key for key, _ in ROWS}
     assert s["sent"]["load"] == 200 and s["sent"]["probes"] == 4 * len(data["probe_rounds"])
-    for part in ("load", "probes"):  # every request has exactly one outcome
+    for part in ("load", "probes", "aimed"):  # every request has exactly one outcome
         assert sum(s[k][part] for k in ("ok", "error", "wrong", "unclear", "hung")) \
             == s["sent"][part], part
     assert data["plan"]["policy"] == "recompute" and data["plan"]["concurrency"] == 16
@@ -155,6 +155,10 @@ def test_chaos_quick_end_to_end(tmp_path):
         assert faults[name]["proxy_noticed_down_s"] is not None, faults[name]
         assert faults[name]["proxy_back_in_rotation_s"] is not None, faults[name]
     assert faults["mismatched_decode_joins"]["quarantine"], faults["mismatched_decode_joins"]
+    for name in ("kill_prefill", "sigstop_prefill", "mismatched_decode_joins"):
+        aimed = faults[name]["aimed"]  # the benchmark's own P/D requests at the fault
+        assert aimed["prefilled"] == aimed["of"] == 3 and "decode_at" in aimed, faults[name]
+    assert s["sent"]["aimed"] == 9
     assert "disaggregated" not in data["routed_to_mismatched_decode"]
     flip = data["flipped_byte"]
     assert flip["active_on"] or flip["note"].startswith("not available")

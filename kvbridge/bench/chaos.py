@@ -26,6 +26,13 @@ fault, instead of using up the budget. Schedule:
    already lists, so it joins the decode pool; the proxy must keep it out of
    rotation while it serves the rest of the load.
 
+A load request may or may not be mid-transfer when a fault hits, so faults 1,
+2 and 4 also get a few *aimed* requests: the benchmark plays the router (prefill
+step on the producer, the fault, then the decode step with the producer's
+``kv_transfer_params``), so every run has pulls from a dead producer, from a
+stopped one, and into a decode with another layout (kvbridge proxy never
+pairs those; a router without its layout pre-check would).
+
 Correctness is checked where it can be: vLLM's CPU kernels are not
 batch-invariant, so answers are compared with the colocated reference only
 for the probe prompts, sent one at a time while nothing else runs - before
@@ -91,6 +98,7 @@ def make_plan(args: argparse.Namespace) -> dict:
         "kvbridge_extra_config": kv,
         "sigstop_s": kv["transfer_timeout_s"] + 4.0,
         "recovery_send_interval_s": 2.0 if quick else 1.0,
+        "aimed_per_fault": 3 if quick else 6,
         "settle_timeout_s": kv["lease_s"] + 15.0,
         "recovery_max_requests": max(1, (args.requests or (200 if quick else 1000)) // 10),
         "schedule": [[0.15, "kill_prefill"], [0.35, "sigstop_prefill"],
@@ -184,6 +192,8 @@ class Chaos(Faults):
         self.flip = {"available": flip_available(), "every": plan["flip_every"],
                      "active_on": None, "note": None}
         self.load: Load | None = None
+        self.aimed: list[dict] = []
+        self.aimed_threads: list = []
 
     def abort(self) -> None:
         """No more load requests (an error or Ctrl-C ends the run early)."""
@@ -200,7 +210,7 @@ class Chaos(Faults):
         plan, stack = self.plan, self.stack
         from kvbridge import tiny_model
 
-        corpus = tiny_model.corpus_text()
+        corpus = self.corpus = tiny_model.corpus_text()
         cores = plan["cores"]
         self.prefill = stack.add("prefill0", "kv_producer", cores["prefill0"])
         self.decode = stack.add("decode0", "kv_consumer", cores["decode0"])
@@ -256,6 +266,8 @@ class Chaos(Faults):
             getattr(self, fault)()
             self.probe_round(f"after {fault}", probes)
         self.load.join(timeout=plan["requests"] * plan["deadline_s"])
+        for t in self.aimed_threads:
+            t.join(plan["deadline_s"] + 15)
         load_s = self.clock() - t_load
         self.say(f"load done in {load_s:.0f} s")
         self.probe_round("after the load", probes)

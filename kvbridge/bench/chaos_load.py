@@ -44,6 +44,9 @@ class Req:
     chat: bool = False
     stream: bool = False
     probe: int | None = None
+    #: sent as the body's kv_transfer_params (aimed requests: the benchmark
+    #: plays the router and talks to the instances directly)
+    kv_transfer_params: dict | None = None
 
 
 def load_requests(n: int, seed: int, corpus: str) -> list[Req]:
@@ -70,6 +73,16 @@ def probe_requests(k: int, corpus: str) -> list[Req]:
     return out
 
 
+def aimed_requests(tag: int, n: int, corpus: str) -> list[Req]:
+    """Prompts of the requests aimed at fault ``tag`` (one block or more)."""
+    out = []
+    for k in range(n):
+        off = (104_729 * (tag * 16 + k + 1)) % (len(corpus) - 1200)
+        out.append(Req(f"aim-{tag}-{k}", f"aimed {tag}.{k}: " + corpus[off:off + 400 + 200 * k],
+                       8))
+    return out
+
+
 def body_of(req: Req) -> tuple[str, dict]:
     body = {"model": MODEL, "max_tokens": req.max_tokens, "temperature": 0, "ignore_eos": True}
     if req.chat:
@@ -79,6 +92,8 @@ def body_of(req: Req) -> tuple[str, dict]:
     if req.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    if req.kv_transfer_params is not None:
+        body["kv_transfer_params"] = req.kv_transfer_params
     return ("/v1/chat/completions" if req.chat else "/v1/completions"), body
 
 
@@ -99,7 +114,7 @@ class Normalizer:
             keep[f"\x00{chr(65 + k)}\x00"] = name
             text = text.replace(url, f"\x00{chr(65 + k)}\x00")
         status = re.match(r"(HTTP \d{3} )", text)
-        text = re.sub(r"[\w-]*(chs-\d{5}|prb-\d+)[\w-]*", "<req>", text[len(status.group(1))
+        text = re.sub(r"[\w-]*(chs-\d{5}|prb-\d+|aim-\d+)[\w-]*", "<req>", text[len(status.group(1))
                                                                          if status else 0:])
         text = re.sub(r"\b[0-9a-f]{8,}\b", "<hex>", text)
         text = re.sub(r"\d+(\.\d+)*(:\d+)?", "N", text)
@@ -190,6 +205,7 @@ def _answer(res: dict, r: httpx.Response, req: Req) -> None:
         c = data["choices"][0]
         text = c.get("text") if "text" in c else (c.get("message") or {}).get("content")
         res["prompt_tokens"] = data.get("usage", {}).get("prompt_tokens")
+        res["kv_transfer_params"] = data.get("kv_transfer_params")
         _check(res, req, text, c.get("finish_reason"),
                (data.get("usage") or {}).get("completion_tokens"))
     except (ValueError, KeyError, IndexError, TypeError) as e:

@@ -10,7 +10,7 @@ from collections import Counter
 
 from kvbridge.bench.common import table, write_results
 
-_ID = re.compile(r"(chs-\d{5}|prb-\d+-\d+)")
+_ID = re.compile(r"(chs-\d{5}|prb-\d+-\d+|aim-\d+-\d+)")
 OUTCOMES = ("ok", "error", "fell_back", "wrong", "unclear", "hung")
 #: The rows of the summary table, in order: (key, label).
 ROWS = (("sent", "sent"), ("ok", "answered correctly"),
@@ -65,9 +65,14 @@ def collect(chaos, load_s: float, leaked: dict) -> dict:
             continue
         loads.append(r)
     probes = [r for rnd in chaos.probe_rounds for r in rnd["results"]]
+    aimed = list(chaos.aimed)
+    n_aimed = sum(f["aimed"]["prefilled"] for f in chaos.faults
+                  if "decode_at" in f.get("aimed", {}))
+    aimed += [{"id": "aim-?", "outcome": "hung", "detail": "no answer when the run ended"}
+              for _ in range(n_aimed - len(aimed))]
     bad_loads = failed_loads(stack, chaos.norm)
     recompute = plan["policy"] == "recompute"
-    for r in loads + probes:
+    for r in loads + probes + aimed:
         how = []
         if r.get("mode") == "fallback":
             how.append("proxy_colocated")
@@ -86,18 +91,24 @@ def collect(chaos, load_s: float, leaked: dict) -> dict:
         c["sent"] = len(rs)
         return c
 
-    cl, cp = count(loads), count(probes)
+    cl, cp, ca = count(loads), count(probes), count(aimed)
     crashes = list(stack.crashes)
     summary = {}
     for key, _ in ROWS[:7]:
-        summary[key] = {"load": cl[key], "probes": cp[key], "total": cl[key] + cp[key]}
+        summary[key] = {"load": cl[key], "probes": cp[key], "aimed": ca[key],
+                        "total": cl[key] + cp[key] + ca[key]}
+    for f in chaos.faults:  # what each fault's aimed requests got
+        if "decode_at" in f.get("aimed", {}):
+            mine = [r for r in aimed if r.get("phase") == f["fault"]]
+            f["aimed"]["outcomes"] = dict(Counter(r["outcome"] for r in mine))
+            f["aimed"]["failed_loads_logged"] = sum("failed_load" in r for r in mine)
     summary["engine_crashes"] = {"total": len(crashes)}
     held = leaked.get("prefill_kv_usage_end")
     start = leaked.get("prefill_kv_usage_start") or 0.0
     summary["leaked"] = {"total": None if held is None else (leaked.get("prefill_blocks_held")
                                                             if held > start else 0),
                          "kv_usage": held, "kv_usage_start": start}
-    everything = loads + probes
+    everything = loads + probes + aimed
     errors = Counter(r["detail"] for r in everything if r["outcome"] == "error")
     problems = {k: Counter(r.get("detail") for r in everything if r["outcome"] == k)
                 for k in ("wrong", "unclear", "hung")}
@@ -142,7 +153,7 @@ def collect(chaos, load_s: float, leaked: dict) -> dict:
                           "t_ready_s": inc.t_ready and round(inc.t_ready, 1),
                           "log": str(inc.server.log_path)}
                          for _, inc in stack.incarnations()],
-        "_requests": loads + probes,
+        "_requests": loads + probes + aimed,
     }
 
 
@@ -159,21 +170,23 @@ def render(d: dict) -> str:
     for key, label in ROWS:
         v = s[key]
         if "load" in v:
-            rows.append([label, v["load"], v["probes"], v["total"]])
+            rows.append([label, v["load"], v["probes"], v["aimed"], v["total"]])
         else:
-            rows.append([label, "", "", "-" if v["total"] is None else v["total"]])
+            rows.append([label, "", "", "", "-" if v["total"] is None else v["total"]])
     out = [f"kvbridge bench chaos: {plan['requests']} requests at concurrency "
            f"{plan['concurrency']} (+ {plan['probes']} probe prompts x "
            f"{len(d['probe_rounds'])} rounds), {plan['transport']} transport, "
            f"kv_load_failure_policy {plan['policy']}, kvbridge {kv}; run "
            f"{d.get('duration_s', '?')} s, load {d['load_s']} s; machine load average "
            f"{_la(d, 'start')} at the start, {_la(d, 'end')} at the end", "",
-           table(["outcome", "load", "probes", "total"], rows), ""]
+           table(["outcome", "load", "probes", "aimed", "total"], rows), ""]
     out.append("Goal (wrong answers, hung requests, engine crashes, blocks held = 0): "
                + ", ".join(f"{k} {'met' if g['met'] else 'NOT met'} ({g['value']})"
                            for k, g in d["goals"].items()))
-    out += ["", "answered correctly: load requests well-formed with exactly max_tokens tokens; "
-            "probes identical to the colocated reference",
+    out += ["", "load: through the proxy; probes: through the proxy, alone, checked against "
+            "the colocated reference; aimed: the benchmark as the router, at a fault (below)",
+            "answered correctly: load and aimed requests well-formed with exactly max_tokens "
+            "tokens; probes identical to the colocated reference",
             "failed with a clear error, by kind:"] + (_kinds(d["errors_by_kind"]) or
                                                      ["      none"])
     out.append(f"fell back (within the outcomes above): proxy answered colocated (no prefill "
@@ -203,6 +216,11 @@ def render(d: dict) -> str:
                       _s(f.get("proxy_noticed_down_s")), _s(f.get("proxy_back_in_rotation_s")),
                       _s(f.get("recovered_after_s"))])
         note = f"  {f['fault']}: {f['action']}"
+        a = f.get("aimed")
+        if a:
+            note += (f"\n    aimed: {a['prefilled']}/{a['of']} prefilled, decode step at "
+                     f"{a.get('decode_at', '-')}: {json.dumps(a.get('outcomes', {}))}, failed "
+                     f"KV loads logged for {a.get('failed_loads_logged', 0)}")
         if f["fault"] == "mismatched_decode_joins":
             note += (f"; proxy quarantined it after {_s(f.get('proxy_quarantined_s'))} s: "
                      f"{f.get('quarantine') or 'NOT QUARANTINED'}")
@@ -238,7 +256,11 @@ def render(d: dict) -> str:
             f"(at most {plan['recovery_max_requests']} per fault). vLLM's CPU kernels are not "
             "batch-invariant, so only the probe prompts are compared with the colocated "
             "reference (a plain vLLM server, no connector, same block size, each prompt "
-            "alone), each round with the load paused and drained. Engine crashes: a server "
+            "alone), each round with the load paused and drained. Aimed requests: the "
+            "benchmark plays the router for a few requests per fault (prefill step on the "
+            "producer, then the fault, then the decode step with the producer's "
+            "kv_transfer_params), so pulls from a dead producer, from a stopped one and into a "
+            "decode with another layout happen on every run. Engine crashes: a server "
             "process exiting by itself, /health answering an error, or vLLM's engine-death "
             "lines in its log before the benchmark killed it; a crashed engine is restarted "
             "and the run goes on. Blocks held: the prefill server's vllm:kv_cache_usage_perc "
