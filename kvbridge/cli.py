@@ -6,6 +6,7 @@ Subcommands:
   info [--json]          which copy path is in use, what was built, versions
   bench blocks           gather/scatter benchmark against memcpy
   bench transport        transports between two processes against baselines
+  bench chaos            a P/D pair behind the proxy under load while faults fire
   proxy                  OpenAI-compatible router over prefill/decode pools
   up                     the one-command prefill/decode demo
   demo-blocks            export blocks in one process, import them in another
@@ -52,6 +53,12 @@ def _cmd_bench_transport(args: argparse.Namespace) -> int:
     return transport.run(args)
 
 
+def _cmd_bench_chaos(args: argparse.Namespace) -> int:
+    from kvbridge.bench import chaos
+
+    return chaos.run(args)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from kvbridge import up
 
@@ -95,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_transport.add_arguments(bt)
     bt.set_defaults(func=_cmd_bench_transport)
+    bc = bsub.add_parser("chaos", help="P/D servers behind kvbridge proxy under load while "
+                         "faults are injected (--fuzz: the protocol fuzzer)")
+    from kvbridge.bench import chaos as bench_chaos
+
+    bench_chaos.add_arguments(bc)
+    bc.set_defaults(func=_cmd_bench_chaos)
 
     pr = sub.add_parser("proxy", help="OpenAI-compatible prefill/decode router")
     from kvbridge import proxy as proxy_mod

@@ -253,8 +253,10 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
             metrics.failure("decode_error")
             metrics.request_done(kind, 502)
             decode.healthy = False
-            return error_response(502, f"decode instance {decode.url} failed: {e}",
-                                  "decode_failed")
+            # The type names the failure: httpx's ReadError and friends often
+            # carry an empty message.
+            return error_response(502, f"decode instance {decode.url} failed: "
+                                  f"{type(e).__name__}: {e}", "decode_failed")
         finally:
             decode.outstanding -= 1
         decode.served += 1
