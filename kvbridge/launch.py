@@ -162,3 +162,39 @@ def stop_all(servers: list[VllmServer]) -> None:
             pass
     for s in servers:
         s.stop()
+
+
+def stop_group(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
+    """SIGTERM ``proc``'s process group (started with ``start_new_session``),
+    SIGKILL it if it is still there after ``grace_s``; reap ``proc``."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def wait_http_healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path,
+                      name: str = "kvbridge proxy") -> None:
+    """Block until ``url``/health answers 200; raise with the log's tail if
+    ``proc`` exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited {proc.returncode}:\n"
+                               + Path(log_path).read_text(errors="replace")[-3000:])
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} not healthy after {timeout_s:.0f} s")
+        time.sleep(0.3)

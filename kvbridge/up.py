@@ -25,10 +25,10 @@ from pathlib import Path
 
 from kvbridge.launch import (
     VllmServer,
-    free_port,
     kv_transfer_config,
     start_server,
     stop_all,
+    stop_group,
     wait_healthy,
 )
 
@@ -71,16 +71,7 @@ class Stack:
         self.ports: list[int] = []
 
     def stop(self) -> None:
-        if self.router is not None and self.router.poll() is None:
-            try:
-                os.killpg(self.router.pid, signal.SIGTERM)
-                self.router.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.router.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.router.wait()
+        stop_group(self.router)
         stop_all(self.servers)
 
 

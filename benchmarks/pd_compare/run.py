@@ -46,6 +46,8 @@ from kvbridge.launch import (  # noqa: E402
     kv_transfer_config,
     start_server,
     stop_all,
+    stop_group,
+    wait_http_healthy,
 )
 
 #: Environment of every server in every configuration (same for all, so the
@@ -93,14 +95,7 @@ class Stack:
         return next((s for s in self.servers if s.name.startswith(name)), None)
 
     def stop(self) -> None:
-        if self.proxy is not None and self.proxy.poll() is None:
-            try:
-                os.killpg(self.proxy.pid, signal.SIGTERM)
-                self.proxy.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proxy.pid, signal.SIGKILL)
-                self.proxy.wait()
+        stop_group(self.proxy)
         stop_all(self.servers)
 
     def leftovers(self) -> list[str]:
@@ -180,7 +175,6 @@ def wait_servers(st: Stack, timeout_s: float) -> None:
 
 
 def start_proxy(st: Stack, log_dir: Path) -> None:
-    import httpx
 
     port = free_port()
     exe = Path(sys.executable).parent / "kvbridge"
@@ -194,19 +188,7 @@ def start_proxy(st: Stack, log_dir: Path) -> None:
         st.proxy = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True, stdin=subprocess.DEVNULL)
     st.proxy_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        if st.proxy.poll() is not None:
-            raise RuntimeError(f"kvbridge proxy exited {st.proxy.returncode}:\n"
-                               + st.proxy_log.read_text(errors="replace")[-3000:])
-        try:
-            if httpx.get(st.proxy_url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError("kvbridge proxy not healthy after 90 s")
-        time.sleep(0.3)
+    wait_http_healthy(st.proxy, st.proxy_url, 90, st.proxy_log)
 
 
 def affinity(server: VllmServer) -> dict[str, dict[str, int]]:

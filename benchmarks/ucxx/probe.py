@@ -10,7 +10,7 @@ Run in a separate environment (ucxx pulls rmm/libucx, ~350 MB):
     python3 -m venv /tmp/ucxxv && /tmp/ucxxv/bin/pip install ucxx-cu12 numpy
     UCX_NET_DEVICES=lo /tmp/ucxxv/bin/python benchmarks/ucxx/probe.py
 """
-import asyncio, os, sys, time, multiprocessing as mp
+import asyncio, os, time, multiprocessing as mp
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 import numpy as np
 SIZES = [1 << 20, 64 << 20]

@@ -24,7 +24,14 @@ from pathlib import Path
 
 import httpx
 
-from kvbridge.launch import VllmServer, free_port, kv_transfer_config, start_server
+from kvbridge.launch import (
+    VllmServer,
+    free_port,
+    kv_transfer_config,
+    start_server,
+    stop_group,
+    wait_http_healthy,
+)
 
 #: Lines that mean an engine died (vLLM's EngineDeadError message, a dead
 #: worker, and the scheduler assertion a failed KV load can trip today).
@@ -294,19 +301,7 @@ class Stack:
                                       start_new_session=True, stdin=subprocess.DEVNULL)
         log.close()
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proxy.poll() is not None:
-                raise RuntimeError(f"kvbridge proxy exited {self.proxy.returncode}:\n"
-                                   + (self.log_dir / "proxy.log").read_text()[-3000:])
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("kvbridge proxy not ready after 60 s")
-            time.sleep(0.3)
+        wait_http_healthy(self.proxy, url, 60, self.log_dir / "proxy.log")
         self.proxy_url = url
         return url
 
@@ -332,16 +327,7 @@ class Stack:
     def stop(self) -> list[str]:
         """Stop everything by pid; returns what could not be stopped."""
         self.stop_monitor()
-        if self.proxy is not None and self.proxy.poll() is None:
-            try:
-                os.killpg(self.proxy.pid, signal.SIGTERM)
-                self.proxy.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proxy.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proxy.wait()
+        stop_group(self.proxy)
         servers = [inc.server for _, inc in self.incarnations()] + self.others
         for s in servers:  # a stopped group would sit on SIGTERM until the grace ends
             if s.alive():
