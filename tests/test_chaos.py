@@ -4,7 +4,6 @@ the quick mode end to end with real vLLM servers (``vllm`` mark)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -108,14 +107,6 @@ def test_prompts_are_deterministic_mixed_and_probes_share_no_prefix_with_the_loa
     probes = probe_requests(4, corpus)
     assert all(p.prompt.startswith(f"probe {p.probe}: ") for p in probes)
     assert not any(r.prompt.startswith("probe") for r in a)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("kvbridge.bench.fuzz") is not None,
-                    reason="the fuzzer is installed; this checks the message without it")
-def test_fuzz_without_the_fuzzer_says_so():
-    proc = subprocess.run([KVBRIDGE, "bench", "chaos", "--fuzz"], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and "kvbridge.bench.fuzz" in proc.stderr
 
 
 @pytest.mark.vllm

@@ -170,16 +170,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_fuzz(args: argparse.Namespace) -> int:
-    import importlib
+    from kvbridge.bench import fuzz
 
-    try:
-        fuzz = importlib.import_module("kvbridge.bench.fuzz")
-    except ModuleNotFoundError as e:
-        if e.name != "kvbridge.bench.fuzz":
-            raise
-        print("kvbridge bench chaos --fuzz: the fuzzer (kvbridge.bench.fuzz) is not part of "
-              "this kvbridge installation yet", file=sys.stderr)
-        return 2
     return fuzz.run(args)
 
 
