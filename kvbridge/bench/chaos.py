@@ -304,6 +304,7 @@ class Chaos(Faults):
         stack.stop_monitor()
         for _, inc in stack.incarnations():
             stack.scan_log(inc)
+        stack.explain_crashes()
         return chaos_report.collect(self, load_s, leaked)
 
     def wait_instances_up(self, timeout_s: float) -> None:

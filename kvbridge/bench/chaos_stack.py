@@ -258,6 +258,23 @@ class Stack:
                 self.crashed(inst, inc, f"log: {_detail(chunk, pos)}")
                 return
 
+    def explain_crashes(self) -> None:
+        """A crash seen through /health or the process exit gets the engine's own
+        last words from its log too (written a moment after /health turned)."""
+        for _, inc in self.incarnations():
+            if inc.crash is None or inc.crash["reason"].startswith("log:"):
+                continue
+            try:
+                text = inc.server.log_path.read_bytes()[:inc.log_limit].decode(
+                    errors="replace")
+            except OSError:
+                continue
+            for marker in CRASH_MARKERS:
+                pos = text.find(marker)
+                if pos >= 0:
+                    inc.crash["reason"] += f" | log: {_detail(text, pos)}"
+                    break
+
     def crashed(self, inst: Instance, inc: Incarnation, reason: str) -> None:
         with self._lock:
             if inc.crash is not None:
