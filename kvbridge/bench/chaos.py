@@ -24,7 +24,9 @@ fault, instead of using up the budget. Schedule:
    when this kvbridge knows the key: the flipped-byte fault runs from here on;
 4. at 70 %: decode-mismatch (block size 64) starts on a port the proxy
    already lists, so it joins the decode pool; the proxy must keep it out of
-   rotation while it serves the rest of the load.
+   rotation while it serves the rest of the load. It runs the other
+   ``kv_load_failure_policy`` than decode0 (``--policy``, default
+   ``recompute``), so each run meets a failed KV load under both policies.
 
 A load request may or may not be mid-transfer when a fault hits, so faults 1,
 2 and 4 also get a few *aimed* requests: the benchmark plays the router (prefill
@@ -48,6 +50,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,7 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, metavar="N", help="client threads")
     p.add_argument("--transport", default="tcp", choices=["tcp", "cma", "nixl"])
     p.add_argument("--policy", default="recompute", choices=["recompute", "fail"],
-                   help="vLLM kv_load_failure_policy of the decode instances")
+                   help="vLLM kv_load_failure_policy of decode0 (the decode instance the "
+                   "proxy routes to); the mismatched decode gets the other one, so every run "
+                   "meets a failed KV load under both")
     p.add_argument("--deadline", type=float, default=60.0, metavar="S",
                    help="a request with no complete answer in S seconds is hung")
     p.add_argument("--flip-every", type=int, default=None, metavar="N",
@@ -92,6 +97,8 @@ def make_plan(args: argparse.Namespace) -> dict:
         "concurrency": args.concurrency or (16 if quick else 32),
         "transport": args.transport,
         "policy": args.policy,
+        "policies": {"decode0": args.policy,
+                     "decode-mismatch": "fail" if args.policy == "recompute" else "recompute"},
         "deadline_s": args.deadline,
         "probes": probes,
         "flip_every": args.flip_every or probes,
@@ -186,6 +193,24 @@ class Chaos(Faults):
         self.load: Load | None = None
         self.aimed: list[dict] = []
         self.aimed_threads: list = []
+        #: faults and crashed engines being restarted right now
+        self._recovering = 0
+        self._recovering_lock = threading.Lock()
+        stack.on_restart_begin, stack.on_restart_end = self.begin_recovery, self.end_recovery
+
+    def begin_recovery(self) -> None:
+        """While something recovers, requests trickle (see ``Load.trickle``)."""
+        with self._recovering_lock:
+            self._recovering += 1
+            if self.load is not None:
+                self.load.trickle(self.plan["recovery_send_interval_s"],
+                                  self.plan["recovery_max_requests"])
+
+    def end_recovery(self) -> None:
+        with self._recovering_lock:
+            self._recovering -= 1
+            if self._recovering == 0 and self.load is not None:
+                self.load.trickle(None)
 
     def abort(self) -> None:
         """No more load requests (an error or Ctrl-C ends the run early)."""
@@ -207,7 +232,8 @@ class Chaos(Faults):
         self.prefill = stack.add("prefill0", "kv_producer", cores["prefill0"])
         self.decode = stack.add("decode0", "kv_consumer", cores["decode0"])
         self.mismatch = stack.add("decode-mismatch", "kv_consumer", cores["decode-mismatch"],
-                                  block_size=64)
+                                  block_size=64, policy=plan["policies"]["decode-mismatch"])
+        self.mismatch.restart_on_crash = False  # out of rotation anyway: not worth 30 s
         probes = probe_requests(plan["probes"], corpus)
         reqs = load_requests(plan["requests"], plan["seed"], corpus)
 
@@ -270,19 +296,22 @@ class Chaos(Faults):
         stack.stop_monitor()
         for _, inc in stack.incarnations():
             stack.scan_log(inc)
+        stack.explain_crashes()
         return chaos_report.collect(self, load_s, leaked)
 
     def wait_instances_up(self, timeout_s: float) -> None:
         """A crashed engine being restarted is not a target for the next fault."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(i.current is None or i.current.state in ("up", "killed")
+            if all(i.current is None or i.current.state in ("up", "killed", "failed_start")
+                   or (i.current.state == "crashed" and not i.restart_on_crash)
                    for i in self.stack.instances.values()):
                 return
             time.sleep(0.5)
 
     # ------------------------------------------------------------------ probes
     def probe_round(self, name: str, probes) -> None:
+        self.wait_instances_up(180.0)  # a crashed engine's restart is not what probes check
         waited = self.load.pause() if self.load is not None else 0.0
         n = len(self.probe_rounds)
         results = []

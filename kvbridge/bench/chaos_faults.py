@@ -32,7 +32,8 @@ FLIP_KEY = "fault_flip_byte_every"
 
 class Faults:
     """Mixed into ``chaos.Chaos``: needs ``plan``, ``stack``, ``load``, ``flip``,
-    ``prefill``, ``decode``, ``mismatch``, ``norm``, ``clock`` and ``say``."""
+    ``prefill``, ``decode``, ``mismatch``, ``norm``, ``clock``, ``say`` and
+    ``begin_recovery``/``end_recovery``."""
 
     def _aim_prefill(self, ev: dict) -> list[Req]:
         """The prefill step of this fault's aimed requests, on the producer."""
@@ -73,14 +74,13 @@ class Faults:
               "t_s": round(self.clock(), 1), "request_index": self.load.sent, **kw}
         self.faults.append(ev)
         self.load.phase = name
-        self.load.trickle(self.plan["recovery_send_interval_s"],
-                          self.plan["recovery_max_requests"])
+        self.begin_recovery()
         self.say(f"FAULT {name} on {target.name} at request {ev['request_index']}")
         return ev
 
     def _recovered(self, ev: dict) -> None:
         ev["recovered_after_s"] = round(self.clock() - ev["t_s"], 1)
-        self.load.trickle(None)
+        self.end_recovery()
         self.load.phase = f"after {ev['fault']}"
         self.say(f"{ev['fault']} recovered after {ev['recovered_after_s']} s")
 
@@ -159,7 +159,8 @@ class Faults:
     def mismatched_decode_joins(self) -> None:
         ev = self._fault("mismatched_decode_joins", self.mismatch,
                          action="a decode instance with block size 64 starts on a URL the "
-                         "proxy lists; aimed: prefill0's KV sent to it directly (refused)")
+                         f"proxy lists (kv_load_failure_policy {self.mismatch.policy}); "
+                         "aimed: prefill0's KV sent to it directly (refused)")
         self.stack.start(self.mismatch)
         self.stack.wait_up(self.mismatch)
         ev["restarted_s"] = round(self.clock() - ev["t_s"], 1)

@@ -7,11 +7,12 @@ Every request ends in exactly one outcome:
 * ``ok``: HTTP 200 with a well-formed answer of exactly ``max_tokens`` tokens
   (``ignore_eos``, finish reason ``length``); a probe must also match the
   colocated reference token for token;
-* ``error``: a clear error - an OpenAI error body, or an SSE error event;
+* ``error``: a clear error - an OpenAI error body, an SSE error event, or a
+  refused connection;
 * ``wrong``: an answer that looks complete but is not (wrong token count,
   malformed, a probe that differs from the reference);
-* ``unclear``: a failure with no error message (a dropped connection, a stream
-  that stops without ``[DONE]`` and without an error event);
+* ``unclear``: a failure with no error message (a connection dropped mid-answer,
+  a stream that stops without ``[DONE]`` and without an error event);
 * ``hung``: no complete answer within the deadline.
 """
 
@@ -153,6 +154,8 @@ def send(client: httpx.Client, url: str, req: Req, deadline_s: float, norm: Norm
     except httpx.TimeoutException as e:
         res.update(outcome="hung", detail=f"no answer in {deadline_s:.0f} s "
                                           f"({type(e).__name__})")
+    except httpx.ConnectError as e:  # nothing listens there: unambiguous, if terse
+        res.update(outcome="error", detail=norm(f"cannot connect to {url}: {e}"))
     except httpx.HTTPError as e:
         res.update(outcome="unclear", detail=norm(f"{type(e).__name__}: {e}"))
     res["latency_s"] = round(time.monotonic() - t0, 3)

@@ -71,6 +71,7 @@ def collect(chaos, load_s: float, leaked: dict) -> dict:
     aimed += [{"id": "aim-?", "outcome": "hung", "detail": "no answer when the run ended"}
               for _ in range(n_aimed - len(aimed))]
     bad_loads = failed_loads(stack, chaos.norm)
+    policies = plan["policies"]
     recompute = plan["policy"] == "recompute"
     for r in loads + probes + aimed:
         how = []
@@ -78,7 +79,9 @@ def collect(chaos, load_s: float, leaked: dict) -> dict:
             how.append("proxy_colocated")
         if r["id"] in bad_loads:
             r["failed_load"] = bad_loads[r["id"]]
-            if recompute and r["outcome"] in ("ok", "wrong"):
+            where = bad_loads[r["id"]]["instance"].split("#")[0]
+            if policies.get(where, plan["policy"]) == "recompute" \
+                    and r["outcome"] in ("ok", "wrong"):
                 how.append("decode_recomputed")
         elif (recompute and r.get("status") == 200 and not r.get("stream")
               and r.get("mode") == "disaggregated" and not r.get("transfer_ms")):
@@ -176,7 +179,8 @@ def render(d: dict) -> str:
     out = [f"kvbridge bench chaos: {plan['requests']} requests at concurrency "
            f"{plan['concurrency']} (+ {plan['probes']} probe prompts x "
            f"{len(d['probe_rounds'])} rounds), {plan['transport']} transport, "
-           f"kv_load_failure_policy {plan['policy']}, kvbridge {kv}; run "
+           f"kv_load_failure_policy {plan['policy']} (decode-mismatch: "
+           f"{plan['policies']['decode-mismatch']}), kvbridge {kv}; run "
            f"{d.get('duration_s', '?')} s, load {d['load_s']} s; machine load average "
            f"{_la(d, 'start')} at the start, {_la(d, 'end')} at the end", "",
            table(["outcome", "load", "probes", "aimed", "total"], rows), ""]

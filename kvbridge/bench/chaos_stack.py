@@ -85,6 +85,10 @@ class Instance:
     port: int
     core: int
     block_size: int = 128
+    #: kv_load_failure_policy (None: the stack's)
+    policy: str | None = None
+    #: replace a crashed engine (off for an instance the run does not need)
+    restart_on_crash: bool = True
     incarnations: list[Incarnation] = field(default_factory=list)
 
     @property
@@ -114,10 +118,13 @@ class Stack:
         self._stop_monitor = threading.Event()
         self._monitor: threading.Thread | None = None
         self.auto_restart = True
+        #: called around the restart of a crashed engine (the load slows down)
+        self.on_restart_begin = self.on_restart_end = lambda: None
 
     # ------------------------------------------------------------------ instances
-    def add(self, name: str, kv_role: str, core: int, block_size: int = 128) -> Instance:
-        inst = Instance(name, kv_role, free_port(), core, block_size)
+    def add(self, name: str, kv_role: str, core: int, block_size: int = 128,
+            policy: str | None = None) -> Instance:
+        inst = Instance(name, kv_role, free_port(), core, block_size, policy)
         self.instances[name] = inst
         return inst
 
@@ -126,7 +133,8 @@ class Stack:
         n = len(inst.incarnations) + 1
         label = f"{inst.name}#{n}"
         ext = {**self.extra, **(extra or {})}
-        kv = kv_transfer_config(inst.kv_role, transport=self.transport, policy=self.policy,
+        kv = kv_transfer_config(inst.kv_role, transport=self.transport,
+                                policy=inst.policy or self.policy,
                                 kv_port=free_port(), extra=ext)
         server = start_server(f"{inst.name}-{n}", self.model, inst.port, kv_config=kv,
                               block_size=inst.block_size, cpu_core=inst.core,
@@ -257,6 +265,23 @@ class Stack:
                 self.crashed(inst, inc, f"log: {_detail(chunk, pos)}")
                 return
 
+    def explain_crashes(self) -> None:
+        """A crash seen through /health or the process exit gets the engine's own
+        last words from its log too (written a moment after /health turned)."""
+        for _, inc in self.incarnations():
+            if inc.crash is None or inc.crash["reason"].startswith("log:"):
+                continue
+            try:
+                text = inc.server.log_path.read_bytes()[:inc.log_limit].decode(
+                    errors="replace")
+            except OSError:
+                continue
+            for marker in CRASH_MARKERS:
+                pos = text.find(marker)
+                if pos >= 0:
+                    inc.crash["reason"] += f" | log: {_detail(text, pos)}"
+                    break
+
     def crashed(self, inst: Instance, inc: Incarnation, reason: str) -> None:
         with self._lock:
             if inc.crash is not None:
@@ -269,23 +294,27 @@ class Stack:
             if was_current:
                 inc.state = "crashed"
         self.events.append(f"[{self.clock():6.1f} s] ENGINE CRASH {inc.label}: {reason}")
-        if was_current and self.auto_restart:
+        if was_current and self.auto_restart and inst.restart_on_crash:
             threading.Thread(target=self._restart_crashed, args=(inst, inc), daemon=True,
                              name=f"restart-{inst.name}").start()
 
     def _restart_crashed(self, inst: Instance, inc: Incarnation) -> None:
         """A crashed engine is replaced so the run goes on (and counted once)."""
-        inc.log_limit = _size(inc.server.log_path)
-        inc.server.kill()
-        new = self.start(inst, extra={k: v for k, v in inc.extra.items()
-                                      if k not in self.extra})
-        self.events.append(f"[{self.clock():6.1f} s] restarting crashed {inc.label} as "
-                           f"{new.label}")
+        self.on_restart_begin()
         try:
+            inc.log_limit = _size(inc.server.log_path)
+            inc.server.kill()
+            new = self.start(inst, extra={k: v for k, v in inc.extra.items()
+                                          if k not in self.extra})
+            self.events.append(f"[{self.clock():6.1f} s] restarting crashed {inc.label} as "
+                               f"{new.label}")
             self.wait_up(inst)
             self.events.append(f"[{self.clock():6.1f} s] {new.label} up")
         except Exception as e:  # noqa: BLE001
-            self.events.append(f"[{self.clock():6.1f} s] {new.label} failed to start: {e}")
+            self.events.append(f"[{self.clock():6.1f} s] restart of {inst.name} failed: "
+                               f"{str(e)[:300]}")
+        finally:
+            self.on_restart_end()
 
     # ------------------------------------------------------------------ proxy
     def start_proxy(self, prefill: list[str], decode: list[str]) -> str:
