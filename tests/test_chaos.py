@@ -162,10 +162,8 @@ def test_chaos_quick_end_to_end(tmp_path):
     # -- the goals
     assert s["wrong"]["total"] == 0, data["problems"]["wrong"]
     assert s["hung"]["total"] == 0, data["problems"]["hung"]
-    # LEAD: these two can fail until the connector fixes land: a refused or
-    # failed KV load kills the decode EngineCore (`assert req_id in
-    # self.requests` in vLLM's scheduler) - on every run today for
-    # decode-mismatch, whose policy is `fail`, when the aimed requests' loads
-    # are refused. Not xfail on purpose: they must go green.
+    # A refused or failed KV load once killed the decode EngineCore (`assert
+    # req_id in self.requests` in vLLM's scheduler) on every run, for
+    # decode-mismatch under policy `fail`: issue 11's connector fix.
     assert (s["engine_crashes"]["total"], s["leaked"]["total"]) == (0, 0), \
         {"crashes": data["crashes"], "leaked": data["leaked"]}
