@@ -157,7 +157,7 @@ def test_chaos_quick_end_to_end(tmp_path):
     assert s["sent"]["aimed"] == 9
     assert "disaggregated" not in data["routed_to_mismatched_decode"]
     flip = data["flipped_byte"]
-    assert flip["active_on"] or flip["note"].startswith("not available")
+    assert flip["active_on"], flip  # the flipped byte fires on every run
 
     # -- the goals
     assert s["wrong"]["total"] == 0, data["problems"]["wrong"]

@@ -117,14 +117,6 @@ def make_plan(args: argparse.Namespace) -> dict:
     }
 
 
-def flip_available() -> bool:
-    """Whether this kvbridge's connector accepts the fault-injection key
-    (unknown kv_connector_extra_config keys fail vLLM's start-up)."""
-    from kvbridge.vllm import config
-
-    return FLIP_KEY in getattr(config, "_KNOWN", ())
-
-
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "fuzz", False):
         return run_fuzz(args)
@@ -188,7 +180,7 @@ class Chaos(Faults):
         self.faults: list[dict] = []
         self.probe_rounds: list[dict] = []
         self.reference: list[str] = []
-        self.flip = {"available": flip_available(), "every": plan["flip_every"],
+        self.flip = {"every": plan["flip_every"],
                      "active_on": None, "note": None}
         self.load: Load | None = None
         self.aimed: list[dict] = []
@@ -361,4 +353,4 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(run(ap.parse_args()))
 
 
-__all__ = ["add_arguments", "run", "make_plan", "flip_available"]
+__all__ = ["add_arguments", "run", "make_plan"]

@@ -16,10 +16,8 @@ the layout pre-check would) happen on every run.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
@@ -126,32 +124,19 @@ class Faults:
         self._recovered(ev)
 
     def kill_decode(self) -> None:
+        every = self.flip["every"]
         ev = self._fault("kill_decode", self.decode, action="SIGKILL of the process group, "
-                         "restart on the same port" + (f" with {FLIP_KEY}="
-                                                       f"{self.flip['every']}"
-                                                       if self.flip["available"] else ""))
+                         "restart on the same port"
+                         + (f" with {FLIP_KEY}={every}" if every else ""))
         self.stack.kill(self.decode)
         ev["proxy_noticed_down_s"] = self._sees(self.decode, False, 15)
-        flip = {}
-        if self.flip["available"]:
-            flip = {FLIP_KEY: self.flip["every"]}
+        self.stack.start(self.decode, extra={FLIP_KEY: every} if every else {})
+        self.stack.wait_up(self.decode)
+        if every:
+            self.flip["active_on"] = self.decode.current.label
+            self.flip["from_t_s"] = round(self.clock(), 1)
         else:
-            self.flip["note"] = (f"not available: this kvbridge's connector does not know "
-                                 f"kv_connector_extra_config.{FLIP_KEY}")
-        self.stack.start(self.decode, extra=flip)
-        try:
-            self.stack.wait_up(self.decode)
-            if flip:
-                self.flip["active_on"] = self.decode.current.label
-                self.flip["from_t_s"] = round(self.clock(), 1)
-        except RuntimeError:
-            if not flip:
-                raise
-            self.flip["note"] = (f"not available: decode0 did not start with {FLIP_KEY}: "
-                                 + _start_error(self.decode.current.server.log_path, FLIP_KEY))
-            self.say(self.flip["note"])
-            self.stack.start(self.decode)
-            self.stack.wait_up(self.decode)
+            self.flip["note"] = "off (--flip-every 0)"
         ev["restarted_s"] = round(self.clock() - ev["t_s"], 1)
         ev["proxy_back_in_rotation_s"] = self._sees(self.decode, True, 30)
         self._recovered(ev)
@@ -171,15 +156,3 @@ class Faults:
         ev["quarantine"] = self.norm.names_only(q) if q else None
         self._aim_decode(self._aim_prefill(ev), self.mismatch, ev)
         self._recovered(ev)
-
-
-def _start_error(path: Path, about: str) -> str:
-    """Why a server did not start: the first ``…Error: `` line of its log that
-    mentions ``about``, else the last error line."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    errs = [ln.split("] ", 1)[-1].strip() for ln in lines if re.search(r"\w+Error: ", ln)]
-    pick = next((e for e in errs if about in e), errs[-1] if errs else "(no error in the log)")
-    return pick[:300]
