@@ -31,6 +31,7 @@ import torch
 
 from kvbridge import kernels
 from kvbridge.layout import KVLayout, dtype_name
+from kvbridge.shard import BlockSlice
 
 
 class BlockIdError(ValueError):
@@ -165,6 +166,8 @@ class PagedKVCache:
         # A region whose blocks are padded apart keeps its stride.
         self._byte_views = [_as_block_bytes(t, layout.block_bytes) for t in views]
         self._np_views: list | None = None
+        #: (offset, length, rows) -> (row views, rows per block stride); see ``_slice_views``
+        self._slice_views_cache: dict[tuple[int, int, int], tuple[list[torch.Tensor], int]] = {}
 
     # -- addresses, for transports that read memory directly (CMA, NIXL) --
     def region_addresses(self) -> list[tuple[int, int, int]]:
@@ -202,8 +205,57 @@ class PagedKVCache:
         runs = _runs(block_ids, packed)
         return [(r, start, count) for r in range(len(self._byte_views)) for start, count in runs]
 
-    def staging_bytes(self, num_blocks: int) -> int:
-        return num_blocks * self.layout.bytes_per_block_all_layers
+    def staging_bytes(self, num_blocks: int, block_slice: BlockSlice | None = None) -> int:
+        """Bytes ``num_blocks`` blocks (or their ``block_slice``) take staged."""
+        per_block = block_slice.nbytes() if block_slice is not None else self.layout.block_bytes
+        return num_blocks * self.layout.num_regions * per_block
+
+    # -- slices of blocks (TP-sharded pulls, see kvbridge.shard) --
+    def _slice_views(self, sl: BlockSlice) -> tuple[list[torch.Tensor], int]:
+        """uint8 views ``[rows_total, sl.length]`` of every region, one row per
+        run of the slice, and the rows one block stride spans: run ``k`` of
+        block ``b`` is row ``b * span + k``. The copy kernels take these like
+        whole blocks (a base pointer, a row stride, a row length)."""
+        key = (sl.offset, sl.length, sl.rows)
+        hit = self._slice_views_cache.get(key)
+        if hit is not None:
+            return hit
+        sl.check(self.layout.block_bytes)
+        row = sl.row_bytes(self.layout.block_bytes)
+        stride = self._byte_views[0].stride(0)
+        if sl.rows == 1:
+            row = stride  # one run per block: rows are blocks, padded or not
+        elif stride % row:
+            raise ValueError(f"block stride {stride} is not a multiple of the {row}-byte rows "
+                             "of this slice")
+        span = stride // row
+        total_rows = (self.num_blocks - 1) * span + sl.rows
+        views = []
+        for v in self._byte_views:
+            if v.stride(0) != stride:
+                raise ValueError("sliced copies need one block stride for every region")
+            views.append(torch.empty(0, dtype=torch.uint8, device=v.device).set_(
+                v.untyped_storage(), v.storage_offset() + sl.offset, (total_rows, sl.length),
+                (row, 1)))
+        self._slice_views_cache[key] = (views, span)
+        return views, span
+
+    def slice_rows(self, block_ids: Sequence[int], sl: BlockSlice) -> list[int]:
+        """Row ids (see ``_slice_views``) of ``block_ids``' runs, block-major."""
+        _, span = self._slice_views(sl)
+        if sl.rows == 1 and span == 1:
+            return list(block_ids)
+        import numpy as np
+
+        rows = (np.asarray(block_ids, dtype=np.int64)[:, None] * span
+                + np.arange(sl.rows, dtype=np.int64)[None, :])
+        return rows.ravel().tolist()
+
+    def run_starts(self, block_ids: Sequence[int], sl: BlockSlice | None):
+        """Addresses of every run of ``block_ids`` (whole blocks, or their
+        ``sl``), in staging order (region, block, run): see ``run_starts``."""
+        return run_starts([(a, s) for a, s, _ in self.region_addresses()],
+                          self.layout.block_bytes, block_ids, sl)
 
     def validate(self, block_ids: Sequence[int], num_tokens: int | None = None,
                  what: str = "block_ids") -> list[int]:
@@ -211,33 +263,62 @@ class PagedKVCache:
                                   block_size=self.layout.block_size, what=what)
 
     def export_blocks(self, block_ids: Sequence[int], *, num_tokens: int | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None,
+                      block_slice: BlockSlice | None = None) -> torch.Tensor:
         """Gather ``block_ids`` of every region into a contiguous uint8 buffer.
 
         Returns ``out`` (or a buffer from the pool, to be given back with
-        ``self.pool.release``) holding ``len(block_ids) * bytes_per_block_all_layers``
-        bytes, region-major.
+        ``self.pool.release``) holding ``staging_bytes(len(block_ids))``
+        bytes, region-major. ``block_slice``: only those bytes of each block
+        (a TP shard's heads), run by run.
         """
         ids = self.validate(block_ids, num_tokens)
-        nbytes = self.staging_bytes(len(ids))
+        nbytes = self.staging_bytes(len(ids), block_slice)
         if out is None:
             out = self.pool.acquire(nbytes)
         elif out.dtype != torch.uint8 or out.numel() < nbytes or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous uint8 tensor of >= {nbytes} bytes")
         if ids:
-            kernels.gather(self._byte_views, ids, out[:nbytes])
+            if block_slice is None:
+                kernels.gather(self._byte_views, ids, out[:nbytes])
+            else:
+                views, _ = self._slice_views(block_slice)
+                kernels.gather(views, self.slice_rows(ids, block_slice), out[:nbytes])
         return out[:nbytes] if out.numel() != nbytes else out
 
     def import_blocks(self, staging: torch.Tensor, block_ids: Sequence[int], *,
-                      num_tokens: int | None = None) -> None:
-        """Scatter a buffer laid out as ``export_blocks`` makes it into ``block_ids``."""
+                      num_tokens: int | None = None,
+                      block_slice: BlockSlice | None = None) -> None:
+        """Scatter a buffer laid out as ``export_blocks`` makes it into
+        ``block_ids`` (or into their ``block_slice``)."""
         ids = self.validate(block_ids, num_tokens)
-        nbytes = self.staging_bytes(len(ids))
+        nbytes = self.staging_bytes(len(ids), block_slice)
         if staging.dtype != torch.uint8 or staging.numel() != nbytes:
             raise ValueError(f"staging must be uint8 of exactly {nbytes} bytes for {len(ids)} "
                              f"blocks, got {staging.dtype} x {staging.numel()}")
         if ids:
-            kernels.scatter(staging, self._byte_views, ids)
+            if block_slice is None:
+                kernels.scatter(staging, self._byte_views, ids)
+            else:
+                views, _ = self._slice_views(block_slice)
+                kernels.scatter(staging, views, self.slice_rows(ids, block_slice))
+
+
+def run_starts(regions: Sequence[tuple[int, int]], block_bytes: int, block_ids: Sequence[int],
+               sl: BlockSlice | None):
+    """uint64 start addresses of the runs ``sl`` (default: whole blocks) takes
+    in blocks ``block_ids`` of ``regions`` ((base address, block stride) each),
+    region-major, then block, then run: the order of a staging buffer. Each
+    run is ``sl.length`` bytes. The iovecs and descriptors of direct reads."""
+    import numpy as np
+
+    sl = sl or BlockSlice.whole(block_bytes)
+    row = sl.row_bytes(block_bytes)
+    ids = np.asarray(block_ids, dtype=np.uint64)
+    runs = np.arange(sl.rows, dtype=np.uint64) * np.uint64(row) + np.uint64(sl.offset)
+    out = [(np.uint64(addr) + ids[:, None] * np.uint64(stride) + runs[None, :]).ravel()
+           for addr, stride in regions]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
 
 
 def _runs(block_ids: Sequence[int], merge: bool) -> list[tuple[int, int]]:

@@ -27,6 +27,7 @@ import xxhash
 
 if TYPE_CHECKING:
     from kvbridge.blocks import PagedKVCache
+    from kvbridge.shard import BlockSlice
 
 _digest = xxhash.xxh3_64_intdigest
 
@@ -36,14 +37,50 @@ def supported(cache: PagedKVCache) -> bool:
     return cache.device.type == "cpu"
 
 
-def block_digests(cache: PagedKVCache, block_ids: Sequence[int]) -> list[int]:
-    """One digest per block of ``block_ids``, in that order."""
+def block_digests(cache: PagedKVCache, block_ids: Sequence[int],
+                  block_slice: BlockSlice | None = None) -> list[int]:
+    """One digest per block of ``block_ids``, in that order; with
+    ``block_slice``, of those bytes of each block only (its runs in order, as
+    if contiguous: a producer's slice and the consumer blocks it fills agree)."""
+    if block_slice is not None:
+        return _slice_digests(cache, block_ids, block_slice)
     views = cache.region_arrays()
     out = []
     for b in block_ids:
         h = 0
         for v in views:
             h = _digest(v[b], h)
+        out.append(h)
+    return out
+
+
+def _slice_digests(cache: PagedKVCache, block_ids: Sequence[int],
+                   sl: BlockSlice) -> list[int]:
+    import numpy as np
+
+    views, span = cache._slice_views(sl)
+    arrays = [v.numpy() for v in views]
+    out = []
+    for b in block_ids:
+        h, first = 0, b * span
+        for a in arrays:
+            rows = a[first:first + sl.rows]
+            h = _digest(rows if sl.rows == 1 else np.ascontiguousarray(rows), h)
+        out.append(h)
+    return out
+
+
+def staging_digests(staging, num_blocks: int, num_regions: int) -> list[int]:
+    """The digests ``block_digests`` gives, of blocks (or slices) gathered
+    region-major into ``staging`` (a uint8 tensor or array)."""
+    import numpy as np
+
+    a = np.asarray(staging).reshape(num_regions, num_blocks, -1) if num_blocks else None
+    out = []
+    for i in range(num_blocks):
+        h = 0
+        for r in range(num_regions):
+            h = _digest(a[r, i], h)
         out.append(h)
     return out
 
@@ -84,6 +121,6 @@ class LandingDigests:
         return [self._h[b] for b in block_ids]
 
 
-def flip_byte(cache: PagedKVCache, block_id: int) -> None:
-    """Fault injection: corrupt one byte of ``block_id`` (first region)."""
-    cache.region_arrays()[0][block_id, 0] ^= 0xFF
+def flip_byte(cache: PagedKVCache, block_id: int, offset: int = 0) -> None:
+    """Fault injection: corrupt byte ``offset`` of ``block_id`` (first region)."""
+    cache.region_arrays()[0][block_id, offset] ^= 0xFF

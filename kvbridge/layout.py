@@ -48,7 +48,10 @@ if TYPE_CHECKING:
 #:
 #: Changelog:
 #:   1 - first version: layout handshake, pull by block ids, HMAC auth.
-PROTOCOL_VERSION = 2
+#:   2 - Release, checksums in PullGrant, producer instance ids.
+#:   3 - TP-sharded pulls (``Pull.slice``, ``Pull.readers``); MLA fields
+#:       (``kv_lora_rank``, ``rope_head_dim``) in the layout.
+PROTOCOL_VERSION = 3
 
 #: Block-contiguous memory layouts kvbridge knows by name.
 MEMORY_LAYOUTS = ("LBHNC", "LBNHC", "custom")
@@ -66,12 +69,14 @@ _DTYPE_SIZES = {
 
 
 class LayoutMismatchError(ValueError):
-    """Two KV layouts disagree; ``differences`` holds (field, local, remote)."""
+    """Two KV layouts disagree; ``differences`` holds (field, local, remote),
+    ``why`` (if any) says why those differences cannot be bridged."""
 
-    def __init__(self, differences: Sequence[tuple[str, object, object]]):
+    def __init__(self, differences: Sequence[tuple[str, object, object]], why: str = ""):
         self.differences = list(differences)
+        self.why = why
         detail = "; ".join(f"{f}: local {lv}, remote {rv}" for f, lv, rv in self.differences)
-        super().__init__(f"KV layout mismatch: {detail}")
+        super().__init__(f"KV layout mismatch: {detail}" + (f" ({why})" if why else ""))
 
 
 class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
@@ -91,6 +96,10 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
         block_bytes: bytes of one block in one region.
         tp_size: tensor-parallel world size.
         tp_rank: this rank.
+        kv_lora_rank: MLA only (else 0): the compressed latent's width; with
+            ``rope_head_dim`` it makes ``head_size``. One latent per token,
+            the same on every TP rank (``num_kv_heads`` 1).
+        rope_head_dim: MLA only (else 0): the rotary part of the latent.
         protocol_version: ``PROTOCOL_VERSION`` of the side that built it.
     """
 
@@ -107,6 +116,8 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
     block_bytes: int
     tp_size: int = 1
     tp_rank: int = 0
+    kv_lora_rank: int = 0
+    rope_head_dim: int = 0
     protocol_version: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -117,9 +128,16 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"KVLayout.{name} must be a positive int, got {value!r}")
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"KVLayout.tp_rank {self.tp_rank} out of range for tp_size {self.tp_size}")
+        if self.kv_lora_rank < 0 or self.rope_head_dim < 0:
+            raise ValueError("KVLayout.kv_lora_rank and rope_head_dim must be >= 0")
         if self.memory_layout not in MEMORY_LAYOUTS:
             raise ValueError(f"KVLayout.memory_layout {self.memory_layout!r} is not one of "
                              f"{list(MEMORY_LAYOUTS)}")
+
+    @property
+    def is_mla(self) -> bool:
+        """A multi-head latent attention cache (one latent per token, every rank)."""
+        return self.kv_lora_rank > 0
 
     @property
     def num_regions(self) -> int:
@@ -163,6 +181,8 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
         model_dtype: str | None = None,
         tp_size: int = 1,
         tp_rank: int = 0,
+        kv_lora_rank: int = 0,
+        rope_head_dim: int = 0,
     ) -> KVLayout:
         """Describe a paged KV cache handed in as plain tensors.
 
@@ -177,6 +197,9 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
             regions_per_layer: 2 when K and V are separate tensors per layer.
             model_dtype: defaults to the tensors' dtype.
             tp_size, tp_rank: tensor parallelism of this engine.
+            kv_lora_rank: MLA only: the latent's compressed width (``head_size``
+                is then ``kv_lora_rank + rope_head_dim``, ``num_kv_heads`` 1).
+            rope_head_dim: MLA only: the latent's rotary part.
         """
         if not regions:
             raise ValueError("at least one KV tensor is required")
@@ -208,6 +231,8 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
             block_bytes=block_bytes,
             tp_size=tp_size,
             tp_rank=tp_rank,
+            kv_lora_rank=kv_lora_rank,
+            rope_head_dim=rope_head_dim,
         )
 
 
@@ -251,3 +276,40 @@ def check_compatible(local: KVLayout, remote: KVLayout) -> None:
     diffs = layout_differences(local, remote)
     if diffs:
         raise LayoutMismatchError(diffs)
+
+
+#: Fields that may differ between a producer rank and a consumer rank whose
+#: tensor parallelism differs: the plan in ``kvbridge.shard`` bridges them.
+TP_FIELDS = ("tp_size", "tp_rank", "kv_heads_per_rank", "block_bytes")
+
+
+def check_pairable(local: KVLayout, remote: KVLayout) -> None:
+    """Raise ``LayoutMismatchError`` unless a rank of ``local`` can read KV from
+    a rank of ``remote``: every field equal but the ``TP_FIELDS``, and those
+    bridged by a split of the KV heads (``kvbridge.shard``).
+
+    Equal TP pairs rank r with rank r, whole blocks. Different TP sizes need a
+    layout whose heads can be sliced out of a block (``LBHNC``: a contiguous
+    range of each block; ``LBNHC``: a regular stride) - a ``custom`` layout
+    moves whole blocks only, and is refused naming ``tp_size`` and the layout.
+    """
+    diffs = [d for d in layout_differences(local, remote) if d[0] not in TP_FIELDS]
+    if diffs:
+        raise LayoutMismatchError(diffs)
+    tp_diffs = [d for d in layout_differences(local, remote) if d[0] in TP_FIELDS]
+    if local.tp_size == remote.tp_size:
+        # Symmetric: rank r reads rank r's blocks whole.
+        if [d for d in tp_diffs if d[0] != "tp_rank"]:
+            raise LayoutMismatchError(tp_diffs)
+        return
+    if local.memory_layout == "custom":
+        raise LayoutMismatchError(
+            [d for d in tp_diffs if d[0] != "tp_rank"] + [("memory_layout", "custom", "custom")],
+            "a custom memory layout moves whole blocks only, so both sides need the same "
+            "tp_size")
+    # Bytes per head per block must agree, else the heads are not the same size.
+    if local.block_bytes * remote.kv_heads_per_rank != remote.block_bytes * local.kv_heads_per_rank:
+        raise LayoutMismatchError(
+            [d for d in tp_diffs if d[0] != "tp_rank"],
+            f"{local.block_bytes // local.kv_heads_per_rank} bytes per KV head and block here, "
+            f"{remote.block_bytes // remote.kv_heads_per_rank} there")

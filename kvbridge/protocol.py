@@ -18,10 +18,10 @@ Connection lifecycle (client = consumer, server = producer)::
     client                                   server
     Hello(version, nonce)          ->
                                    <-        Challenge(version, nonce, auth_required)
-    Handshake(layout, mac, info)   ->        (verify mac, then check_compatible)
+    Handshake(layout, mac, info)   ->        (verify mac, then check_pairable)
                                    <-        HandshakeAccept(layout, mac, info)
                                              | Error(code, message) and close
-    Pull(xfer_id, request_id, ids) ->
+    Pull(xfer_id, request_id, ids, slice, readers) ->
                                    <-        PullGrant(xfer_id, nbytes, checksums)
                                              [+ DATA frames]
                                              | PullError(xfer_id, message, code)
@@ -53,6 +53,11 @@ Changelog (``kvbridge.layout.PROTOCOL_VERSION``):
         ``PullGrant.checksums``; ``HandshakeAccept.info["instance"]`` (the
         producer process's identity, so requests of a restarted producer fail
         at once).
+    3 - TP-sharded pulls: ``Pull.slice`` (read only these bytes of each
+        block: ``kvbridge.shard.BlockSlice``), ``Pull.readers`` (consumer
+        ranks that read this request here: the producer keeps the blocks
+        until all of them have); the handshake pairs layouts of different TP
+        sizes (``check_pairable``); MLA fields in the layout.
 """
 
 from __future__ import annotations
@@ -122,6 +127,10 @@ class Pull(msgspec.Struct, tag=True):
     xfer_id: int
     request_id: str
     block_ids: list[int]
+    #: [offset, length, rows] of each block to send (``BlockSlice``); None: whole blocks
+    slice: list[int] | None = None
+    #: consumer ranks reading this request from this producer rank
+    readers: int = 1
 
 
 class PullGrant(msgspec.Struct, tag=True):
@@ -249,7 +258,7 @@ def client_handshake(sock: socket.socket, layout: KVLayout, backend: str,
     """The client half of the handshake; returns the producer's accept.
 
     Raises ``PeerRefused`` (with the producer's ``Error``) or ``ProtocolError``;
-    layout checks are the caller's (both sides run ``check_compatible``).
+    layout checks are the caller's (both sides run ``check_pairable``).
     """
     nonce = new_nonce()
     send_message(sock, Hello(PROTOCOL_VERSION, nonce, agent))

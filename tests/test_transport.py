@@ -412,3 +412,68 @@ def test_control_client_publishes_without_the_engine(backend, producers, consume
         assert digest(cons.cache, [7, 8]) == prod.call("digest", [5, 6])
     finally:
         ctl.close()
+
+
+# ---------------------------------------------------------------- tensor parallelism
+@pytest.mark.parametrize("tp_prod,tp_cons,memory_layout", [
+    (1, 2, "LBHNC"), (2, 1, "LBHNC"), (2, 4, "LBNHC"), (4, 2, "LBNHC")])
+def test_mixed_tp_reads_each_ranks_heads(backend, producers, consumers, tp_prod, tp_cons,
+                                         memory_layout):
+    """Producer ranks of one TP size, consumer ranks of another: each consumer
+    rank pulls what ``plan_reads`` says and ends up with exactly the heads it
+    holds at its TP size; every producer rank frees the request only after
+    all of its readers have read."""
+    from kvbridge.shard import plan_reads, unread_ranks
+
+    heads = 4
+    cache_kw = dict(kv_heads=heads, memory_layout=memory_layout)
+    prods = [producers(backend, cache_kw=dict(cache_kw, tp_size=tp_prod, tp_rank=p))
+             for p in range(tp_prod)]
+    remote_ids, local_ids = [3, 7, 8, 20], [40, 2, 3, 9]
+    for p in prods:
+        p.publish("req", remote_ids)
+    cons = [consumers(backend, seed=None, tp_size=tp_cons, tp_rank=r, **cache_kw)
+            for r in range(tp_cons)]
+    handles = []
+    for c in cons:
+        plan = plan_reads(c.layout, tp_prod)
+        assert {r.remote_rank for r in plan} | set(unread_ranks(c.layout, tp_prod)) <= set(
+            range(tp_prod))
+        for read in plan:
+            handles.append(c.pull(prods[read.remote_rank].address, "req", remote_ids,
+                                  local_ids, remote_slice=read.remote_slice,
+                                  local_slice=read.local_slice, readers=read.readers))
+    for h in handles:
+        assert h.wait(60) == TransferState.DONE, h.error
+    for r, c in enumerate(cons):
+        want = make_cache(NUM_BLOCKS, 11, tp_size=tp_cons, tp_rank=r, **cache_kw)
+        # Byte-exact: local block local_ids[i] holds what remote_ids[i] holds at this TP.
+        for got_view, want_view in zip(c.cache.byte_views, want.byte_views):
+            for lo, ro in zip(local_ids, remote_ids):
+                assert bytes(got_view[lo].numpy()) == bytes(want_view[ro].numpy()), (r, lo)
+        assert c.metrics()["checksum_failures"] == 0
+    for p in prods:
+        deadline = time.monotonic() + 10
+        released = []
+        while time.monotonic() < deadline and not released:
+            released = p.call("poll")
+            time.sleep(0.05)
+        assert released == [("req", "read")], released
+
+
+def test_a_slice_that_does_not_fit_fails_clearly(backend, producers, consumers):
+    from kvbridge.shard import BlockSlice
+
+    prod = producers(backend, cache_kw=dict(kv_heads=4))
+    prod.publish("req", [1, 2])
+    cons = consumers(backend, kv_heads=4)
+    # A quarter of the remote block into a whole local block: sizes differ.
+    h = cons.pull(prod.address, "req", [1, 2], [3, 4],
+                  remote_slice=BlockSlice(0, cons.layout.block_bytes // 4))
+    assert h.wait(30) == TransferState.FAILED
+    assert "does not fit" in h.error
+    # A slice past the end of the producer's block is refused by the producer.
+    h = cons.pull(prod.address, "req", [1, 2], [3, 4],
+                  remote_slice=BlockSlice(cons.layout.block_bytes, cons.layout.block_bytes),
+                  local_slice=None)
+    assert h.wait(30) == TransferState.FAILED

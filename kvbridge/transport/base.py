@@ -22,9 +22,11 @@ reports completion. A backend implements four hooks:
   (sent after the handshake succeeds);
 * ``_connect_data(peer)``: prepare per-peer state once (descriptors, remote
   addresses) from that info;
-* ``_send_pull(conn, grant, ids)``: producer side of a granted pull (TCP sends
-  the bytes here; others only grant);
-* ``_receive_pull(peer, xfer, grant)``: consumer side: move the bytes.
+* ``_send_pull(conn, grant, ids, state, block_slice)``: producer side of a
+  granted pull (TCP sends the bytes here - only ``block_slice`` of each block
+  when a consumer rank of another TP size reads its heads; others only grant);
+* ``_receive_pull(peer, xfer, grant)``: consumer side: move the bytes (the
+  handle's ``remote_slice``/``local_slice`` say which bytes of each block).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ import msgspec
 from kvbridge import checksum
 from kvbridge import protocol as P
 from kvbridge.blocks import BlockIdError, PagedKVCache
-from kvbridge.layout import KVLayout, LayoutMismatchError, check_compatible, layout_differences
+from kvbridge.layout import KVLayout, LayoutMismatchError, check_pairable, layout_differences
+from kvbridge.shard import BlockSlice
 
 logger = logging.getLogger("kvbridge.transport")
 
@@ -129,13 +132,20 @@ class TransferHandle:
     """
 
     def __init__(self, xfer_id: int, peer: str, request_id: str, remote_ids: list[int],
-                 local_ids: list[int], nbytes: int):
+                 local_ids: list[int], nbytes: int, remote_slice: BlockSlice | None = None,
+                 local_slice: BlockSlice | None = None, readers: int = 1):
         self.xfer_id = xfer_id
         self.peer = peer
         self.request_id = request_id
         self.remote_ids = remote_ids
         self.local_ids = local_ids
         self.nbytes = nbytes
+        #: the part of each remote block read, and of each local block written
+        #: (a TP shard's heads, ``kvbridge.shard``); None: whole blocks
+        self.remote_slice = remote_slice
+        self.local_slice = local_slice
+        #: consumer ranks reading this request from this producer
+        self.readers = readers
         self.state = TransferState.QUEUED
         self.error: str | None = None
         self.created = time.monotonic()
@@ -219,6 +229,10 @@ class _Lease:
     expires: float
     readers: int = 0
     read: bool = False
+    #: successful reads to wait for (several consumer TP ranks each read a
+    #: slice), and those done
+    reads_expected: int = 1
+    reads_done: int = 0
     #: block id -> digest (``kvbridge.checksum``), None when not checksummed
     digests: dict[int, int] | None = None
 
@@ -273,9 +287,12 @@ class LeaseTable:
         with self._lock:
             return request_id in self._leases or request_id in self._ended
 
-    def begin_read(self, request_id: str, block_ids: Sequence[int]) -> list[int]:
+    def begin_read(self, request_id: str, block_ids: Sequence[int],
+                   readers: int = 1) -> list[int]:
         """Grant a read of ``block_ids`` of ``request_id``; raises if not allowed.
-        Returns the blocks' digests in that order (empty: not checksummed)."""
+        Returns the blocks' digests in that order (empty: not checksummed).
+        ``readers``: consumer ranks that each read it once (the blocks are
+        held until that many reads succeeded)."""
         with self._lock:
             lease = self._leases.get(request_id)
             if lease is None:
@@ -292,6 +309,7 @@ class LeaseTable:
                 raise BlockIdError(f"blocks {stray[:8]} are not published for request "
                                    f"{request_id!r}")
             lease.readers += 1
+            lease.reads_expected = max(lease.reads_expected, readers)
             return [lease.digests[b] for b in block_ids] if lease.digests is not None else []
 
     def end_read(self, request_id: str, ok: bool) -> None:
@@ -301,7 +319,9 @@ class LeaseTable:
                 return
             lease.readers = max(0, lease.readers - 1)
             if ok:
-                self._release_locked(request_id, "read")
+                lease.reads_done += 1
+                if lease.reads_done >= lease.reads_expected:
+                    self._release_locked(request_id, "read")
             elif lease.readers == 0 and time.monotonic() >= lease.expires:
                 self._release_locked(request_id, "expired")
 
@@ -688,7 +708,7 @@ class Transport:
             self._try_send(conn, P.Error("backend", msg))
             return False
         try:
-            check_compatible(self.layout, hs.layout)
+            check_pairable(self.layout, hs.layout)
         except LayoutMismatchError as e:
             self._refuse(peer, str(e))
             self._try_send(conn, P.Error("layout", str(e), layout=self.layout))
@@ -733,7 +753,16 @@ class Transport:
             raise P.ProtocolError(f"transfer id {pull.xfer_id} is already in flight")
         try:
             ids = self.cache.validate(pull.block_ids)
-            digests = self.leases.begin_read(pull.request_id, ids)
+            sl = None
+            if pull.slice is not None:
+                try:
+                    sl = BlockSlice(*pull.slice)
+                    sl.check(self.layout.block_bytes)
+                except (TypeError, ValueError) as e:
+                    raise BlockIdError(f"bad block slice {pull.slice}: {e}") from None
+                if sl.is_whole(self.layout.block_bytes):
+                    sl = None
+            digests = self.leases.begin_read(pull.request_id, ids, max(1, pull.readers))
         except UnknownRequestError as e:
             if e.code != "not_published":
                 logger.warning("kvbridge: refusing pull %d: %s", pull.xfer_id, e.args[0])
@@ -745,27 +774,43 @@ class Transport:
             return
         self.stats.pulls_served += 1
         state.granted[pull.xfer_id] = pull.request_id
-        grant = P.PullGrant(pull.xfer_id, self.cache.staging_bytes(len(ids)), digests)
-        self._send_pull(conn, grant, ids, state)
+        if sl is not None and digests:
+            # Published digests cover whole blocks: digest the slice sent.
+            digests = checksum.block_digests(self.cache, ids, sl)
+        grant = P.PullGrant(pull.xfer_id, self.cache.staging_bytes(len(ids), sl), digests)
+        self._send_pull(conn, grant, ids, state, sl)
 
     # ------------------------------------------------------------------ consumer
     def pull(self, peer: str, request_id: str, remote_block_ids: Sequence[int],
              local_block_ids: Sequence[int], *,
-             producer_instance: str | None = None) -> TransferHandle:
+             producer_instance: str | None = None,
+             remote_slice: BlockSlice | None = None, local_slice: BlockSlice | None = None,
+             readers: int = 1) -> TransferHandle:
         """Start reading ``remote_block_ids`` of ``request_id`` on ``peer`` into
         ``local_block_ids`` here. Never blocks on the network.
 
         ``producer_instance``: the producer process the request was published
         by (its ``instance_id``, carried in the ticket); if another process
-        now serves that address (a restart), the pull fails at once."""
+        now serves that address (a restart), the pull fails at once.
+
+        Tensor parallelism (``kvbridge.shard.plan_reads`` gives all three):
+        ``remote_slice`` reads only those bytes of each remote block,
+        ``local_slice`` writes only those bytes of each local block, and
+        ``readers`` tells the producer how many consumer ranks read this
+        request from it (it holds the blocks until all have)."""
         local = self.cache.validate(local_block_ids, what="local block ids")
+        if local_slice is not None:
+            local_slice.check(self.layout.block_bytes)
+            if local_slice.is_whole(self.layout.block_bytes):
+                local_slice = None
         remote = [int(b) for b in remote_block_ids]
         if len(remote) != len(local):
             raise BlockIdError(f"{len(remote)} remote block ids but {len(local)} local ones")
         with self._id_lock:
             xfer_id = next(self._xfer_ids)
         handle = TransferHandle(xfer_id, peer, request_id, remote, local,
-                                self.cache.staging_bytes(len(local)))
+                                self.cache.staging_bytes(len(local), local_slice),
+                                remote_slice, local_slice, max(1, int(readers)))
         handle.producer_instance = producer_instance
         handle._cancel_cb = self._on_cancel
         conn = self._peer(peer)
@@ -822,6 +867,14 @@ class Transport:
             return
         if handle.state.finished:  # cancelled while connecting
             return
+        remote_bytes = (handle.remote_slice.nbytes() if handle.remote_slice is not None
+                        else conn.remote_layout.block_bytes if conn.remote_layout else None)
+        local_bytes = handle.nbytes // max(1, len(handle.local_ids) * self.layout.num_regions)
+        if handle.local_ids and remote_bytes is not None and remote_bytes != local_bytes:
+            self._fail(handle, f"the producer at {conn.address} has {remote_bytes} bytes per "
+                               f"block and region to read, {local_bytes} are written here "
+                               "(a TP slice that does not fit)")
+            return
         with conn.send_lock:
             if conn.closed:
                 self._fail(handle, conn.error or "connection closed")
@@ -829,10 +882,15 @@ class Transport:
             handle._advance(TransferState.TRANSFERRING)
             conn.inflight.append(handle)
             try:
-                P.send_message(conn.sock, P.Pull(handle.xfer_id, handle.request_id,
-                                                 handle.remote_ids))
+                P.send_message(conn.sock, self._pull_message(handle))
             except OSError as e:
                 self._close_peer(conn, f"send to producer {conn.address} failed: {e}")
+
+    @staticmethod
+    def _pull_message(handle: TransferHandle) -> P.Pull:
+        sl = handle.remote_slice
+        return P.Pull(handle.xfer_id, handle.request_id, handle.remote_ids,
+                      None if sl is None else [sl.offset, sl.length, sl.rows], handle.readers)
 
     def _resend(self, conn: PeerConnection, handle: TransferHandle) -> None:
         with conn.send_lock:
@@ -842,8 +900,7 @@ class Transport:
                 pending = False
                 conn.inflight.append(handle)
                 try:
-                    P.send_message(conn.sock, P.Pull(handle.xfer_id, handle.request_id,
-                                                     handle.remote_ids))
+                    P.send_message(conn.sock, self._pull_message(handle))
                 except OSError:
                     pass  # the reader sees the broken connection and fails it
         if pending:
@@ -925,7 +982,7 @@ class Transport:
                 raise TransferError(err.message if "secret" in err.message
                                     else f"producer refused: {err.message}") from None
             raise TransferError(f"producer refused: {err.message}") from None
-        check_compatible(self.layout, reply.layout)
+        check_pairable(self.layout, reply.layout)
         conn.remote_layout = reply.layout
         conn.remote_info = reply.info
         conn.instance = reply.info.get("instance")
@@ -1030,7 +1087,8 @@ class Transport:
         self._pulls_landed += 1
         every = self.config.fault_flip_byte_every
         if every and self._pulls_landed % every == 0 and handle.local_ids:
-            checksum.flip_byte(self.cache, handle.local_ids[0])
+            checksum.flip_byte(self.cache, handle.local_ids[0],
+                               handle.local_slice.offset if handle.local_slice else 0)
             handle.landed_digests = None  # the flip came "in flight": digest again
             logger.warning("kvbridge: fault injection: flipped a byte of block %d (pull %d of "
                            "request %s)", handle.local_ids[0], handle.xfer_id, handle.request_id)
@@ -1042,7 +1100,8 @@ class Transport:
             handle.invalid_local_ids = list(handle.local_ids)
             return False
         t0 = time.perf_counter()
-        got = handle.landed_digests or checksum.block_digests(self.cache, handle.local_ids)
+        got = handle.landed_digests or checksum.block_digests(self.cache, handle.local_ids,
+                                                              handle.local_slice)
         bad = [b for b, g, e in zip(handle.local_ids, got, grant.checksums) if g != e]
         self.stats.checksum_seconds += time.perf_counter() - t0
         self.stats.blocks_verified += len(handle.local_ids)
@@ -1170,7 +1229,7 @@ class Transport:
         return None
 
     def _send_pull(self, conn: socket.socket, grant: P.PullGrant, ids: list[int],
-                   state: ServerConn) -> None:
+                   state: ServerConn, block_slice: BlockSlice | None = None) -> None:
         """Send ``grant`` (and, for TCP, the bytes of ``ids``)."""
         raise NotImplementedError
 

@@ -27,6 +27,8 @@ import os
 import numpy as np
 
 from kvbridge import protocol as P
+from kvbridge.blocks import run_starts
+from kvbridge.shard import BlockSlice, paired_slices
 from kvbridge.transport.base import PeerConnection, ServerConn, TransferHandle, Transport
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -56,9 +58,9 @@ def host_identity() -> dict:
     return {"boot_id": read("/proc/sys/kernel/random/boot_id"), "pidns": pidns}
 
 
-def _iov_array(spans: list[tuple[int, int]]) -> np.ndarray:
-    """struct iovec[] (void *base, size_t len) as a uint64 array."""
-    return np.array(spans, dtype=np.uint64).reshape(-1, 2)
+def _iov_array(spans) -> np.ndarray:
+    """struct iovec[] (void *base, size_t len) as a C-ordered uint64 array."""
+    return np.ascontiguousarray(np.asarray(spans, dtype=np.uint64).reshape(-1, 2))
 
 
 def read_remote(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, int]]) -> None:
@@ -109,7 +111,8 @@ class CmaTransport(Transport):
                              "PID namespace; use tcp or nixl across hosts")
         return None
 
-    def _send_pull(self, conn, grant: P.PullGrant, ids: list[int], state: ServerConn) -> None:
+    def _send_pull(self, conn, grant: P.PullGrant, ids: list[int], state: ServerConn,
+                   block_slice=None) -> None:
         P.send_message(conn, grant)
         self.stats.bytes_served += grant.nbytes
 
@@ -142,7 +145,15 @@ class CmaTransport(Transport):
         if any(b >= data["num_blocks"] for b in handle.remote_ids):
             handle.error = "remote block id beyond the producer's cache"
             return False
-        batches = self._batches(data["regions"], handle.remote_ids, handle.local_ids)
+        try:
+            remote_sl, local_sl = paired_slices(handle.remote_slice, handle.local_slice,
+                                                conn.remote_layout.block_bytes,
+                                                self.layout.block_bytes)
+        except ValueError as e:
+            handle.error = f"TP slices do not pair: {e}"
+            return False
+        batches = self._batches(data["regions"], conn.remote_layout.block_bytes, remote_sl,
+                                handle.remote_ids, local_sl, handle.local_ids)
         try:
             if handle.nbytes >= PARALLEL_MIN_BYTES and THREADS > 1 and len(batches) > 1:
                 if self._pool is None:
@@ -156,36 +167,28 @@ class CmaTransport(Transport):
             return False
         return True
 
-    def _batches(self, remote_regions, remote_ids, local_ids):
+    def _batches(self, remote_regions, remote_block_bytes: int, remote_sl: BlockSlice,
+                 remote_ids, local_sl: BlockSlice, local_ids):
         """(local iovecs, remote iovecs) batches of at most IOV_BATCH entries.
 
-        Blocks are paired one to one, so runs are merged only where both the
-        local and the remote ids are consecutive.
+        Run ``k`` of remote block ``remote_ids[i]`` pairs with run ``k`` of
+        local block ``local_ids[i]`` (``paired_slices``); pairs adjacent on
+        both sides merge into one iovec each.
         """
-        bb = self.layout.block_bytes
-        local_regions = [(a, s) for a, s, _ in self.cache.region_addresses()]
-        pairs = list(zip(remote_ids, local_ids))
-        spans: list[tuple[int, int, int]] = []  # (remote id, local id, count)
-        for r, lo in pairs:
-            if spans and spans[-1][0] + spans[-1][2] == r and spans[-1][1] + spans[-1][2] == lo:
-                spans[-1] = (spans[-1][0], spans[-1][1], spans[-1][2] + 1)
-            else:
-                spans.append((r, lo, 1))
-        out = []
-        for (raddr, rstride), (laddr, lstride) in zip(remote_regions, local_regions):
-            rpacked, lpacked = rstride == bb, lstride == bb
-            local, remote = [], []
-            for rid, lid, count in spans:
-                if rpacked and lpacked:
-                    local.append((laddr + lid * lstride, count * bb))
-                    remote.append((raddr + rid * rstride, count * bb))
-                else:
-                    for k in range(count):
-                        local.append((laddr + (lid + k) * lstride, bb))
-                        remote.append((raddr + (rid + k) * rstride, bb))
-            for i in range(0, len(local), IOV_BATCH):
-                out.append((local[i:i + IOV_BATCH], remote[i:i + IOV_BATCH]))
-        return out
+        length = np.uint64(local_sl.length)
+        local = self.cache.run_starts(local_ids, local_sl)
+        remote = run_starts(remote_regions, remote_block_bytes, remote_ids, remote_sl)
+        if not len(local):
+            return []
+        # A new iovec wherever either side is not contiguous with the last.
+        brk = np.ones(len(local), dtype=bool)
+        brk[1:] = (local[1:] != local[:-1] + length) | (remote[1:] != remote[:-1] + length)
+        starts = np.flatnonzero(brk)
+        sizes = np.diff(np.append(starts, len(local))).astype(np.uint64) * length
+        lspans = np.stack([local[starts], sizes], axis=1)
+        rspans = np.stack([remote[starts], sizes], axis=1)
+        return [(lspans[i:i + IOV_BATCH], rspans[i:i + IOV_BATCH])
+                for i in range(0, len(lspans), IOV_BATCH)]
 
     def _close_backend(self) -> None:
         if self._pool is not None:

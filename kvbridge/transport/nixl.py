@@ -65,6 +65,8 @@ from typing import Any
 import numpy as np
 
 from kvbridge import protocol as P
+from kvbridge.blocks import run_starts
+from kvbridge.shard import BlockSlice, paired_slices
 from kvbridge.transport.base import PeerConnection, ServerConn, TransferHandle, Transport
 
 # Must be set before UCX loads, i.e. before nixl is imported.
@@ -362,10 +364,18 @@ class _AgentThread:
 class _PeerData:
     """Consumer-side NIXL state of one producer connection."""
 
-    def __init__(self, remote_agent, num_blocks: int, remote_dlist) -> None:
+    def __init__(self, remote_agent, num_blocks: int, remote_dlist, regions, block_bytes: int,
+                 dev_id: int, mem_type: str) -> None:
         self.remote_agent = remote_agent
         self.num_blocks = num_blocks
         self.remote_dlist = remote_dlist
+        #: for slice descriptor lists made later: (base, stride) per region
+        self.regions = regions
+        self.block_bytes = block_bytes
+        self.dev_id = dev_id
+        self.mem_type = mem_type
+        #: (offset, length, rows) -> prepared remote dlist of that slice's runs
+        self.slice_dlists: dict[tuple[int, int, int], Any] = {}
         self.lock = threading.Lock()
         self.busy = False  # a READ is in flight: its reader thread releases us
         self.closed = False
@@ -417,16 +427,46 @@ class NixlTransport(Transport):
                                       self.cache.region_addresses()], self._mem_type)
 
     def _block_descs(self, regions: list[tuple[int, int]], num_blocks: int,
-                     dev_id: int) -> np.ndarray:
-        """(addr, len, dev) rows; row ``region * num_blocks + block`` is that block."""
-        ids = np.arange(num_blocks, dtype=np.uint64)
-        out = np.empty((len(regions) * num_blocks, 3), dtype=np.uint64)
-        for r, (addr, stride) in enumerate(regions):
-            rows = out[r * num_blocks:(r + 1) * num_blocks]
-            rows[:, 0] = np.uint64(addr) + ids * np.uint64(stride)
-            rows[:, 1] = self.layout.block_bytes
-            rows[:, 2] = dev_id
+                     dev_id: int, block_bytes: int | None = None,
+                     sl: BlockSlice | None = None) -> np.ndarray:
+        """(addr, len, dev) rows; row ``(region * num_blocks + block) * rows +
+        run`` is that run of that block (``sl``: a TP slice of ``rows`` runs;
+        default the whole block, one run)."""
+        block_bytes = block_bytes or self.layout.block_bytes
+        starts = run_starts(regions, block_bytes, range(num_blocks), sl)
+        out = np.empty((len(starts), 3), dtype=np.uint64)
+        out[:, 0] = starts
+        out[:, 1] = sl.length if sl is not None else block_bytes
+        out[:, 2] = dev_id
         return out
+
+    def _slice_dlists(self, data: _PeerData, handle: TransferHandle):
+        """(local dlist, remote dlist, runs per block) for this pull's slices:
+        the whole-block lists made at connect time, or lists over the runs
+        of a TP slice, made once per slice shape and kept."""
+        if handle.remote_slice is None and handle.local_slice is None:
+            return self._local_state["local"], data.remote_dlist, 1
+        remote_sl, local_sl = paired_slices(handle.remote_slice, handle.local_slice,
+                                            data.block_bytes, self.layout.block_bytes)
+        local_key = ("local", local_sl.offset, local_sl.length, local_sl.rows)
+        remote_key = (remote_sl.offset, remote_sl.length, remote_sl.rows)
+        if local_key not in self._local_state or remote_key not in data.slice_dlists:
+            regions = [(a, s) for a, s, _ in self.cache.region_addresses()]
+
+            def prep(agent):
+                if local_key not in self._local_state:
+                    self._local_state[local_key] = agent.prep_xfer_dlist(
+                        "NIXL_INIT_AGENT", self._block_descs(regions, self.cache.num_blocks,
+                                                             self._dev_id, None, local_sl),
+                        self._mem_type)
+                if remote_key not in data.slice_dlists:
+                    data.slice_dlists[remote_key] = agent.prep_xfer_dlist(
+                        _key(data.remote_agent),
+                        self._block_descs(data.regions, data.num_blocks, data.dev_id,
+                                          data.block_bytes, remote_sl), data.mem_type)
+
+            self._cons.call(prep)
+        return self._local_state[local_key], data.slice_dlists[remote_key], local_sl.rows
 
     # ------------------------------------------------------------------ producer
     def _start_producer(self) -> None:
@@ -458,7 +498,8 @@ class NixlTransport(Transport):
                 "regions": [[addr, stride] for addr, stride, _ in self.cache.region_addresses()],
                 "num_blocks": self.cache.num_blocks}
 
-    def _send_pull(self, conn, grant: P.PullGrant, ids: list[int], state: ServerConn) -> None:
+    def _send_pull(self, conn, grant: P.PullGrant, ids: list[int], state: ServerConn,
+                   block_slice=None) -> None:
         self._serving[id(state)] = state
         if self._prod is not None:
             self._prod.wake()  # poll (and progress) fast until the read is done
@@ -491,7 +532,8 @@ class NixlTransport(Transport):
                 def teardown(agent):
                     for data in list(self._peer_data):
                         self._release_peer_locked(agent, data)
-                    state.pop("local").release()
+                    for key in [k for k in state if k == "local" or isinstance(k, tuple)]:
+                        state.pop(key).release()
                     agent.deregister_memory(state.pop("reg"))
 
                 self._cons = _AgentThread(self._cons_name, setup, teardown)
@@ -504,7 +546,9 @@ class NixlTransport(Transport):
         if len(regions) != self.layout.num_regions:
             raise ValueError(f"producer has {len(regions)} regions, layout says "
                              f"{self.layout.num_regions}")
-        descs = self._block_descs(regions, num_blocks, int(info["dev_id"]))
+        # The producer's blocks may be larger or smaller than ours (another TP size).
+        descs = self._block_descs(regions, num_blocks, int(info["dev_id"]),
+                                  conn.remote_layout.block_bytes)
         mem_type = str(info["mem_type"])
 
         def connect(agent):
@@ -521,7 +565,8 @@ class NixlTransport(Transport):
                 agent.make_connection(key)  # connect now, not in the first READ
             except Exception as e:  # noqa: BLE001 - the first READ connects anyway
                 logger.debug("kvbridge: NIXL make_connection to %s: %s", _name(key), e)
-            data = _PeerData(key, num_blocks, dlist)
+            data = _PeerData(key, num_blocks, dlist, regions, conn.remote_layout.block_bytes,
+                             int(info["dev_id"]), mem_type)
             self._peer_data.add(data)
             return data
 
@@ -559,12 +604,20 @@ class NixlTransport(Transport):
         if engine is None:
             handle.error = "transport closed"
             return False
-        regions = np.arange(self.layout.num_regions, dtype=np.int64)[:, None]
-        local_ids = np.asarray(handle.local_ids, dtype=np.int64)
-        # Region-major: the staging order of every backend.
-        local_idx = (regions * self.cache.num_blocks + local_ids).ravel().astype(np.int32)
-        remote_idx = (regions * data.num_blocks + remote_ids).ravel().astype(np.int32)
-        read = _Read(self._local_state["local"], local_idx, data.remote_dlist, remote_idx,
+        try:
+            local_dlist, remote_dlist, rows = self._slice_dlists(data, handle)
+        except (ValueError, RuntimeError) as e:
+            handle.error = f"cannot describe this TP slice for NIXL: {e}"
+            return False
+        regions = np.arange(self.layout.num_regions, dtype=np.int64)[:, None, None]
+        runs = np.arange(rows, dtype=np.int64)[None, None, :]
+        local_ids = np.asarray(handle.local_ids, dtype=np.int64)[None, :, None]
+        # Region-major, then block, then run: the staging order of every backend.
+        local_idx = ((regions * self.cache.num_blocks + local_ids) * rows + runs).ravel()
+        remote_idx = ((regions * data.num_blocks + remote_ids[None, :, None]) * rows
+                      + runs).ravel()
+        read = _Read(local_dlist, local_idx.astype(np.int32), remote_dlist,
+                     remote_idx.astype(np.int32),
                      f"{handle.request_id}:{handle.xfer_id}".encode())
         engine.read(read)
         t0 = time.monotonic()
@@ -635,6 +688,8 @@ class NixlTransport(Transport):
         self._peer_data.discard(data)
         try:
             data.remote_dlist.release()
+            for dlist in data.slice_dlists.values():
+                dlist.release()
         except Exception as e:  # noqa: BLE001
             logger.warning("kvbridge: releasing NIXL descriptors of %s: %s",
                            _name(data.remote_agent), e)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from kvbridge import checksum
 from kvbridge import protocol as P
+from kvbridge.shard import BlockSlice
 from kvbridge.transport.base import PeerConnection, ServerConn, TransferHandle, Transport
 
 #: Most buffers one sendmsg/recvmsg_into call takes (Linux IOV_MAX).
@@ -70,14 +71,16 @@ class TcpTransport(Transport):
     name = "tcp"
 
     def _send_pull(self, conn: socket.socket, grant: P.PullGrant, ids: list[int],
-                   state: ServerConn) -> None:
+                   state: ServerConn, block_slice: BlockSlice | None = None) -> None:
         nbytes = grant.nbytes
         P.send_message(conn, grant)
         conn.sendall(P.data_header(nbytes))
-        if self.cache.device.type == "cpu":
+        if self.cache.device.type == "cpu" and block_slice is None:
             send_buffers(conn, self.cache.block_buffers(ids))
         else:
-            staging = self.cache.export_blocks(ids)
+            # A TP shard's heads (or device memory): the copy kernel gathers
+            # them into one staging buffer, one send.
+            staging = self.cache.export_blocks(ids, block_slice=block_slice)
             try:
                 send_buffers(conn, [memoryview(staging.numpy())])
             finally:
@@ -101,7 +104,8 @@ class TcpTransport(Transport):
             finally:
                 self.cache.pool.release(scratch)
             return False
-        if self.cache.device.type == "cpu":
+        local_slice = handle.local_slice
+        if self.cache.device.type == "cpu" and local_slice is None:
             landing = (checksum.LandingDigests(self.cache, handle.local_ids)
                        if self._verifies(grant) else None)
             recv_buffers(sock, self.cache.block_buffers(handle.local_ids), stall,
@@ -109,10 +113,15 @@ class TcpTransport(Transport):
             if landing is not None:
                 handle.landed_digests = landing.digests(handle.local_ids)
         else:
+            # Into a slice of each block (a TP shard's heads) or device memory:
+            # land in staging, then the copy kernel scatters.
             staging = self.cache.pool.acquire(length)
             try:
                 recv_buffers(sock, [memoryview(staging.numpy())], stall)
-                self.cache.import_blocks(staging, handle.local_ids)
+                if self._verifies(grant) and checksum.supported(self.cache):
+                    handle.landed_digests = checksum.staging_digests(
+                        staging.numpy(), len(handle.local_ids), self.layout.num_regions)
+                self.cache.import_blocks(staging, handle.local_ids, block_slice=local_slice)
             finally:
                 self.cache.pool.release(staging)
         return True

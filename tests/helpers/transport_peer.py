@@ -18,24 +18,37 @@ import os
 
 def make_cache(num_blocks: int, seed: int | None, *, block_size: int = 32, kv_heads: int = 2,
                head_size: int = 16, layers: int = 2, dtype: str = "bfloat16",
-               model: str = "test-model"):
+               model: str = "test-model", tp_size: int = 1, tp_rank: int = 0,
+               memory_layout: str = "LBHNC"):
+    """A paged cache of random bytes (``seed``) or zeros (``seed`` None).
+
+    With ``tp_size`` > 1 it is rank ``tp_rank``'s shard of the cache the same
+    seed gives at TP 1: its heads (``kvbridge.shard.rank_heads``) of every
+    block, so shards of two TP sizes can be compared byte for byte.
+    """
     import torch
 
     from kvbridge.blocks import PagedKVCache
     from kvbridge.layout import KVLayout
+    from kvbridge.shard import rank_heads
 
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    first, count = rank_heads(kv_heads, tp_size, tp_rank)
+    head_dim = 1 if memory_layout == "LBHNC" else 2
     regions = []
     for _ in range(layers):
-        t = torch.zeros((num_blocks, kv_heads, block_size, 2 * head_size), dtype=tdtype)
+        shape = ((num_blocks, kv_heads, block_size, 2 * head_size) if head_dim == 1
+                 else (num_blocks, block_size, kv_heads, 2 * head_size))
+        t = torch.zeros(shape, dtype=tdtype)
         if gen is not None:
             raw = t.view(torch.uint8)
             raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen))
-        regions.append(t)
+        regions.append(t.narrow(head_dim, first, count).contiguous())
     layout = KVLayout.from_tensors(regions, model=model, block_size=block_size,
                                    num_kv_heads=kv_heads, head_size=head_size,
-                                   memory_layout="LBHNC")
+                                   memory_layout=memory_layout, tp_size=tp_size,
+                                   tp_rank=tp_rank)
     return PagedKVCache(layout, regions)
 
 
