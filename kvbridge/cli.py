@@ -2,7 +2,8 @@
 """The ``kvbridge`` command.
 
 Subcommands:
-  tiny-model OUT_DIR     build the tiny local Llama (tokenizer + weights)
+  tiny-model OUT_DIR     build a tiny local model (tokenizer + weights; --arch llama|qwen3|
+                         gemma3|deepseek_v2)
   info [--json]          which copy path is in use, what was built, versions
   bench blocks           gather/scatter benchmark against memcpy
   bench transport        transports between two processes against baselines
@@ -22,8 +23,9 @@ import sys
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from kvbridge import tiny_model
 
-    out = tiny_model.build(args.out_dir, seed=args.seed)
-    print(f"tiny model written to {out} (digest {tiny_model.tree_digest(out)[:16]})")
+    out = tiny_model.build(args.out_dir, seed=args.seed, arch=args.arch)
+    print(f"tiny {args.arch} model written to {out} "
+          f"(digest {tiny_model.tree_digest(out)[:16]})")
     return 0
 
 
@@ -82,9 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 "disaggregated LLM serving")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("tiny-model", help="build the tiny local Llama model")
+    from kvbridge.tiny_model import ARCHS
+
+    t = sub.add_parser("tiny-model", help="build a tiny local model (" + ", ".join(ARCHS) + ")")
     t.add_argument("out_dir")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--arch", choices=ARCHS, default=ARCHS[0],
+                   help="model architecture: llama (default; GQA), qwen3 (q/k norm), "
+                        "gemma3 (sliding-window + full attention layers: two KV cache "
+                        "groups), deepseek_v2 (MLA: one 576-wide latent per token)")
     t.set_defaults(func=_cmd_tiny_model)
 
     i = sub.add_parser("info", help="kernels, transports and versions")

@@ -1,14 +1,23 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Build a tiny but real Llama model locally (no model hub needed).
+"""Build a tiny but real model locally (no model hub needed).
 
-``kvbridge tiny-model OUT_DIR`` writes a Hugging Face model directory:
+``kvbridge tiny-model OUT_DIR [--arch ARCH]`` writes a Hugging Face model directory:
 
 * a byte-level BPE tokenizer trained with ``tokenizers`` on local text (the
   docstrings of a fixed list of Python standard-library modules), with special
   tokens and a chat template;
 * a random-weight ``LlamaForCausalLM`` (2 layers, hidden 256, 4 attention
   heads, 2 KV heads, head size 64, vocab = the tokenizer's, about 2048) saved as
-  bf16 safetensors.
+  bf16 safetensors (``--arch llama``, the default).
+
+Other architectures share the tokenizer and the weight recipe, each with the
+KV-cache shape that makes it interesting:
+
+* ``qwen3``: ``Qwen3ForCausalLM`` (q/k norm), 2 layers, 2 KV heads of 64;
+* ``gemma3``: text-only ``Gemma3ForCausalLM``, 4 layers alternating sliding
+  window (64 tokens) and full attention, so vLLM keeps two KV cache groups;
+* ``deepseek_v2``: ``DeepseekV2ForCausalLM`` with multi-head latent attention
+  (kv_lora_rank 512 + rope 64 = one 576-wide latent per token), dense MLPs only.
 
 Weights are drawn with a larger standard deviation than usual so the logits
 spread out and greedy decoding does not tie - and so any corruption of the KV
@@ -60,6 +69,70 @@ TINY_CONFIG = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
+#: Qwen3: like the Llama plus per-head q/k RMSNorm.
+QWEN3_CONFIG = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+#: Gemma3 (text only): sliding-window and full-attention layers interleaved. The
+#: window (64 tokens) is shorter than the test prompts, so the sliding layers
+#: really drop old blocks.
+GEMMA3_CONFIG = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    query_pre_attn_scalar=64,
+    max_position_embeddings=8192,
+    sliding_window=64,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+#: DeepSeek-V2 with MLA: vLLM caches one latent of kv_lora_rank + qk_rope_head_dim
+#: = 576 values per token and layer (the only size vLLM's CPU MLA kernels take).
+#: first_k_dense_replace = num_hidden_layers: every layer has a dense MLP, no
+#: routed experts (the MoE fields below are unused but kept small).
+DEEPSEEK_V2_CONFIG = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=None,
+    kv_lora_rank=512,
+    qk_rope_head_dim=64,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    first_k_dense_replace=2,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    moe_intermediate_size=128,
+    max_position_embeddings=8192,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+#: Supported architectures, the first is the default.
+ARCHS = ("llama", "qwen3", "gemma3", "deepseek_v2")
+#: arch -> (config dict, transformers config class, model class).
+_ARCH_SPECS = {
+    "llama": (TINY_CONFIG, "LlamaConfig", "LlamaForCausalLM"),
+    "qwen3": (QWEN3_CONFIG, "Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma3": (GEMMA3_CONFIG, "Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "deepseek_v2": (DEEPSEEK_V2_CONFIG, "DeepseekV2Config", "DeepseekV2ForCausalLM"),
+}
 TARGET_VOCAB = 2048
 #: Init std: ~10x the usual 0.02 so logits spread out (no greedy ties).
 INIT_STD = 0.2
@@ -105,11 +178,27 @@ def build_tokenizer(vocab_size: int = TARGET_VOCAB):
     return tok
 
 
-def build(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the tokenizer and model to ``out_dir``; returns the path."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def arch_config(arch: str) -> dict:
+    """The shape dict of ``arch`` (``TINY_CONFIG`` for llama)."""
+    _check_arch(arch)
+    return _ARCH_SPECS[arch][0]
 
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def build(out_dir: str | os.PathLike, seed: int = 0, arch: str = "llama") -> Path:
+    """Write the tokenizer and model to ``out_dir``; returns the path."""
+    _check_arch(arch)
+    import torch
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    shape, config_name, model_name = _ARCH_SPECS[arch]
+    config_cls = getattr(transformers, config_name)
+    model_cls = getattr(transformers, model_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw = build_tokenizer()
@@ -121,18 +210,18 @@ def build(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     tokenizer.save_pretrained(out)
 
     vocab = len(tokenizer)
-    config = LlamaConfig(
+    config = config_cls(
         vocab_size=vocab,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=INIT_STD,
-        **TINY_CONFIG,
+        **shape,
     )
     config.dtype = "bfloat16"
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_cls(config)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             if p.dim() >= 2:
@@ -146,9 +235,14 @@ def build(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         cfg = json.loads(gen_cfg.read_text())
         cfg.update(do_sample=False)
         gen_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    # The llama stamp carries no "arch" key, so its build stays byte-identical
+    # to the one from before there were other architectures; read_arch() maps
+    # a missing key to llama.
+    stamp = {"seed": seed, "vocab_size": vocab, **shape}
+    if arch != "llama":
+        stamp["arch"] = arch
     (out / "kvbridge_tiny_model.json").write_text(
-        json.dumps({"seed": seed, "vocab_size": vocab, **TINY_CONFIG}, indent=2, sort_keys=True)
-        + "\n")
+        json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -162,13 +256,23 @@ def tree_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def ensure(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def read_arch(path: str | os.PathLike) -> str:
+    """The arch recorded in a build's stamp (builds without the key are llama)."""
+    stamp = json.loads((Path(path) / "kvbridge_tiny_model.json").read_text())
+    return stamp.get("arch", "llama")
+
+
+def ensure(out_dir: str | os.PathLike, seed: int = 0, arch: str = "llama") -> Path:
     """Build into ``out_dir`` unless a complete build is already there."""
+    _check_arch(arch)
     out = Path(out_dir)
     if (out / "kvbridge_tiny_model.json").exists() and (out / "model.safetensors").exists():
+        found = read_arch(out)
+        if found != arch:
+            raise ValueError(f"{out} holds a tiny {found} model, not {arch}")
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    build(tmp, seed=seed)
+    build(tmp, seed=seed, arch=arch)
     try:
         tmp.rename(out)
     except OSError:
@@ -178,12 +282,13 @@ def ensure(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
-def default_path(seed: int = 0) -> Path:
+def default_path(seed: int = 0, arch: str = "llama") -> Path:
     """Where tests and the demo cache the model (``KVBRIDGE_CACHE`` or ~/.cache/kvbridge).
 
-    The directory name carries a hash of this file, so a change to the recipe
-    never reuses a stale build.
+    ``tiny-<arch>-<recipe>-s<seed>``: the recipe part is a hash of this file, so
+    a change to the recipe never reuses a stale build.
     """
+    _check_arch(arch)
     root = Path(os.environ.get("KVBRIDGE_CACHE", Path.home() / ".cache" / "kvbridge"))
     recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
-    return root / f"tiny-llama-{recipe}-s{seed}"
+    return root / f"tiny-{arch}-{recipe}-s{seed}"
