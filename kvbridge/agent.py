@@ -27,6 +27,7 @@ import msgspec
 
 from kvbridge.blocks import HostMirror, PagedKVCache
 from kvbridge.layout import KVLayout
+from kvbridge.shard import plan_reads, unread_ranks
 from kvbridge.transport import TransferHandle, Transport, TransportConfig, create_transport
 
 if TYPE_CHECKING:
@@ -138,11 +139,43 @@ class KVAgent:
 
     def pull_blocks(self, peer: str, request_id: str, remote_block_ids: Sequence[int],
                     local_block_ids: Sequence[int], *,
-                    producer_instance: str | None = None) -> TransferHandle:
+                    producer_instance: str | None = None, **shard) -> TransferHandle:
         """Pull some blocks of a published request (e.g. only the ones a local
-        prefix cache lacks)."""
+        prefix cache lacks). ``shard``: ``remote_slice``, ``local_slice``,
+        ``readers`` of a tensor-parallel read (``pull_sharded`` sets them)."""
         return self.transport.pull(peer, request_id, remote_block_ids, local_block_ids,
-                                   producer_instance=producer_instance)
+                                   producer_instance=producer_instance, **shard)
+
+    def pull_sharded(self, addresses: Sequence[str], request_id: str,
+                     remote_block_ids: Sequence[int], local_block_ids: Sequence[int], *,
+                     instance_ids: Sequence[str | None] | None = None,
+                     ) -> list[TransferHandle]:
+        """Pull a request published by every rank of a tensor-parallel
+        producer (``addresses[r]`` is its rank ``r``) into this rank's blocks,
+        whatever the two TP sizes: the pulls ``kvbridge.shard.plan_reads``
+        gives (this rank's heads, from one rank or several), started at once
+        so they run in parallel. Producer ranks no consumer rank needs (head
+        replicas) are told to free the request now. The request is loaded when
+        every returned handle is DONE; if one fails, cancel the others."""
+        plan = plan_reads(self.cache.layout, len(addresses))
+        handles = []
+        for read in plan:
+            instance = (instance_ids[read.remote_rank]
+                        if instance_ids and len(instance_ids) > read.remote_rank else None)
+            handles.append(self.transport.pull(
+                addresses[read.remote_rank], request_id, remote_block_ids, local_block_ids,
+                producer_instance=instance, remote_slice=read.remote_slice,
+                local_slice=read.local_slice, readers=read.readers))
+        for rank in unread_ranks(self.cache.layout, len(addresses)):
+            self.transport.release_remote(addresses[rank], request_id, "head replica not read")
+        return handles
+
+    def producer_ranks(self, addresses: Sequence[str]) -> list[str]:
+        """The producer ranks' addresses this rank reads from or hands back
+        (``pull_sharded``): where its releases of a request go."""
+        ranks = [r.remote_rank for r in plan_reads(self.cache.layout, len(addresses))]
+        ranks += unread_ranks(self.cache.layout, len(addresses))
+        return [addresses[r] for r in sorted(set(ranks))]
 
     def release_remote(self, peer: str, request_id: str, reason: str = "") -> None:
         """Tell the producer at ``peer`` this consumer will not read

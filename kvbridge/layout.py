@@ -100,6 +100,10 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
             ``rope_head_dim`` it makes ``head_size``. One latent per token,
             the same on every TP rank (``num_kv_heads`` 1).
         rope_head_dim: MLA only (else 0): the rotary part of the latent.
+        kv_cache_groups: a hybrid model's KV cache groups (vLLM's hybrid
+            allocator: full and sliding-window layers), one description each;
+            empty for one group. ``num_layers`` then counts the distinct
+            buffers the groups share.
         protocol_version: ``PROTOCOL_VERSION`` of the side that built it.
     """
 
@@ -118,6 +122,7 @@ class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
     tp_rank: int = 0
     kv_lora_rank: int = 0
     rope_head_dim: int = 0
+    kv_cache_groups: tuple[str, ...] = ()
     protocol_version: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:

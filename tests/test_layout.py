@@ -21,6 +21,8 @@ OTHER = dict(model="other-model", model_dtype="float32", kv_cache_dtype="float32
              num_kv_heads=8, kv_heads_per_rank=1, head_size=128, block_size=64,
              memory_layout="LBNHC", regions_per_layer=2, block_bytes=32768, tp_size=2, tp_rank=1,
              kv_lora_rank=512, rope_head_dim=64,
+             kv_cache_groups=("SlidingWindowSpec(window=64) x 2 layers",
+                              "FullAttentionSpec x 2 layers"),
              protocol_version=PROTOCOL_VERSION + 1)
 
 

@@ -14,7 +14,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
+
+try:  # vLLM >= 0.32: failures by request, for engines with several KV cache groups
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+except ImportError:  # pragma: no cover - older vLLM: one group only
+    KVConnectorTransferResults = None
 
 from kvbridge.vllm.metadata import KVBridgeConnectorMetadata, KVBridgeHandshakeMetadata
 from kvbridge.vllm.scheduler import KVBridgeScheduler
@@ -33,8 +39,12 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 
-class KVBridgeConnector(KVConnectorBase_V1):
+class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
     """vLLM KV connector moving prefill KV to decode with kvbridge transports.
+
+    ``SupportsHMA``: vLLM keeps its hybrid KV cache manager on (sliding-window
+    layers keep only their window's blocks) and hands over one block list per
+    KV cache group (``request_finished_all_groups``).
 
     Args:
         vllm_config: the engine config; ``kv_transfer_config`` must be set.
@@ -51,9 +61,11 @@ class KVBridgeConnector(KVConnectorBase_V1):
         self.connector_scheduler: KVBridgeScheduler | None = None
         self.connector_worker: KVBridgeWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.connector_scheduler = KVBridgeScheduler(vllm_config, self.engine_id)
+            self.connector_scheduler = KVBridgeScheduler(vllm_config, self.engine_id,
+                                                         kv_cache_config)
         else:
-            self.connector_worker = KVBridgeWorker(vllm_config, self.engine_id)
+            self.connector_worker = KVBridgeWorker(vllm_config, self.engine_id, kv_cache_config)
+        self._num_groups = len(getattr(kv_cache_config, "kv_cache_groups", None) or ()) or 1
 
     # ---------------------------------------------------------------- class hooks
     @classmethod
@@ -86,6 +98,15 @@ class KVBridgeConnector(KVConnectorBase_V1):
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self.connector_scheduler is not None
         return self.connector_scheduler.request_finished(request, block_ids)
+
+    def request_finished_all_groups(self, request: Request, block_ids: tuple[list[int], ...],
+                                    ) -> tuple[bool, dict[str, Any] | None]:
+        assert self.connector_scheduler is not None
+        return self.connector_scheduler.request_finished(request, block_ids)
+
+    def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        # A load moves the request's own blocks of every group.
+        return tuple(range(self._num_groups))
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         assert self.connector_scheduler is not None
@@ -131,6 +152,14 @@ class KVBridgeConnector(KVConnectorBase_V1):
                                                                 set[str] | None]:
         assert self.connector_worker is not None
         return self.connector_worker.get_finished(finished_req_ids)
+
+    def get_transfer_results(self, finished_req_ids: set[str]):
+        assert self.connector_worker is not None
+        sending, recving = self.connector_worker.get_finished(finished_req_ids)
+        failed = self.connector_worker.failed_recving()
+        return KVConnectorTransferResults(finished_sending=set(sending or ()),
+                                          finished_recving=set(recving or ()),
+                                          failed_recving=failed)
 
     def build_connector_worker_meta(self):
         assert self.connector_worker is not None

@@ -51,10 +51,12 @@ class ReleaseSpec:
 
 @dataclass
 class SendSpec:
-    """A producer-side publish: hold ``block_ids`` until read or lease end."""
+    """A producer-side publish: hold ``block_ids`` until read or lease end.
+    ``num_tokens`` (one KV cache group) checks their count; None with several
+    groups."""
 
     block_ids: list[int]
-    num_tokens: int
+    num_tokens: int | None
 
 
 @dataclass

@@ -19,6 +19,14 @@ names a producer - a full local prefix hit, one aborted before its blocks were
 allocated, the pre-aborted request vLLM's API server submits for a rejected
 request (``notify_kv_transfer_request_rejected``) - becomes a ``ReleaseSpec``:
 the producer is told to free the blocks, and vLLM hears nothing of it.
+
+Hybrid models (vLLM's hybrid KV cache manager: full and sliding-window
+layers in separate KV cache groups) hand over one block list per group.
+``kv_transfer_params["remote_block_ids"]`` is then a list per group, with
+vLLM's null block (id 0) where a sliding window already let go of a block;
+the consumer pairs each group's blocks it still needs with the producer's
+from the end (the window's blocks are the last ones), so a sliding-window
+group moves only the blocks inside its window.
 """
 
 from __future__ import annotations
@@ -54,8 +62,10 @@ def is_kvbridge_params(params: dict | None) -> bool:
 
 
 class KVBridgeScheduler:
-    def __init__(self, vllm_config: VllmConfig, engine_id: str):
+    def __init__(self, vllm_config: VllmConfig, engine_id: str, kv_cache_config=None):
         self.config = KVBridgeConfig.from_vllm(vllm_config)
+        groups = getattr(kv_cache_config, "kv_cache_groups", None) or ()
+        self.num_groups = max(1, len(groups))
         self.engine_id = engine_id
         self.block_size = vllm_config.cache_config.block_size
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
@@ -114,18 +124,9 @@ class KVBridgeScheduler:
             # but let the producer free its blocks now rather than at lease end.
             self._release(params, "served from the local prefix cache")
             return
-        remote_ids = list(params.get("remote_block_ids") or [])
-        local_ids = list(blocks.get_unhashed_block_ids())
-        # Blocks the local prefix cache already holds are not pulled again.
-        num_cached = sum(1 for b in blocks.blocks[0]
-                         if b.block_hash is not None and not b.is_null)
-        remote_ids = remote_ids[num_cached:num_cached + len(local_ids)]
-        missing: list[int] = []
-        if len(remote_ids) != len(local_ids):
-            logger.error("KVBridgeConnector: request %s: producer sent %d blocks, %d needed "
-                         "here; the %d it lacks are load errors", request.request_id,
-                         len(remote_ids), len(local_ids), len(local_ids) - len(remote_ids))
-            local_ids, missing = local_ids[:len(remote_ids)], local_ids[len(remote_ids):]
+        remote_ids, local_ids, missing = pair_group_blocks(
+            request.request_id, params.get("remote_block_ids") or [],
+            _unhashed_per_group(blocks))
         self._reqs_to_recv[request.request_id] = RecvSpec(
             remote_request_id=params["remote_request_id"],
             addresses=list(params["remote_addresses"]),
@@ -163,8 +164,10 @@ class KVBridgeScheduler:
         return meta
 
     # -- producer --
-    def request_finished(self, request: Request,
-                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request, block_ids: list[int] | tuple[list[int], ...],
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        """``block_ids``: the request's blocks, one list per KV cache group
+        (``request_finished_all_groups``) or one list (``request_finished``)."""
         from vllm.v1.request import RequestStatus
 
         params = request.kv_transfer_params
@@ -197,17 +200,25 @@ class KVBridgeScheduler:
                          "known; freeing its blocks", request.request_id)
             return False, None
         num_tokens = request.num_computed_tokens
-        ids = list(block_ids)[:math.ceil(num_tokens / self.block_size)]
+        groups = ([list(g) for g in block_ids] if block_ids and isinstance(block_ids[0], list)
+                  else [list(block_ids)])
+        groups = [g[:math.ceil(num_tokens / self.block_size)] for g in groups]
+        # What consumers may read: every group's real blocks (vLLM's null
+        # block 0 stands for a block a sliding window already let go of).
+        ids = [b for g in groups for b in g if b != NULL_BLOCK_ID]
         if not ids:
             return False, None
-        self._reqs_to_send[request.request_id] = SendSpec(ids, num_tokens)
+        # One group: the count is checked against the tokens (a whole block
+        # list); several: the groups' counts differ, the ids are what counts.
+        checked_tokens = num_tokens if len(groups) == 1 else None
+        self._reqs_to_send[request.request_id] = SendSpec(ids, checked_tokens)
         for client in self._control:
-            client.publish(request.request_id, ids, num_tokens)
+            client.publish(request.request_id, ids, checked_tokens)
         host, _, port = self.addresses[0].rpartition(":")
         return True, dict(
             do_remote_prefill=True,
             do_remote_decode=False,
-            remote_block_ids=ids,
+            remote_block_ids=groups[0] if len(groups) == 1 else groups,
             remote_engine_id=self.engine_id,
             remote_request_id=request.request_id,
             remote_host=host,
@@ -220,3 +231,54 @@ class KVBridgeScheduler:
             transport=self.config.transport,
             kvbridge=PROTOCOL_VERSION,
         )
+
+
+#: vLLM's null block: a placeholder for a block a sliding window dropped.
+NULL_BLOCK_ID = 0
+
+
+def _unhashed_per_group(blocks: KVCacheBlocks) -> list[list[int]]:
+    """The blocks to fill, per KV cache group: neither hashed (held by the
+    local prefix cache) nor vLLM's null placeholder."""
+    if hasattr(blocks, "get_unhashed_block_ids_all_groups"):
+        return [list(g) for g in blocks.get_unhashed_block_ids_all_groups()]
+    return [list(blocks.get_unhashed_block_ids())]
+
+
+def pair_group_blocks(request_id: str, remote: list, local: list[list[int]],
+                      ) -> tuple[list[int], list[int], list[int]]:
+    """(remote ids, local ids, missing local ids) of one load, over every
+    group. ``remote``: the producer's block ids (one list, or one per group);
+    ``local``: the blocks to fill here, per group.
+
+    Each group pairs from the end: the blocks still to fill are the last ones
+    (after local prefix hits, inside a sliding window). Local blocks the
+    producer has no block for - it sent fewer, or a window had let go of it -
+    are ``missing``: load errors, never left as garbage vLLM would attend over.
+    """
+    remote_groups = [list(g) for g in remote] if remote and isinstance(remote[0], list) \
+        else [list(remote)]
+    if len(remote_groups) != len(local):
+        logger.error("KVBridgeConnector: request %s: the producer has %d KV cache groups, "
+                     "this engine %d; every block is a load error", request_id,
+                     len(remote_groups), len(local))
+        return [], [], [b for g in local for b in g]
+    remote_ids: list[int] = []
+    local_ids: list[int] = []
+    missing: list[int] = []
+    for g, (rem, loc) in enumerate(zip(remote_groups, local)):
+        tail = rem[len(rem) - len(loc):] if len(loc) <= len(rem) else [None] * (
+            len(loc) - len(rem)) + rem
+        lacking = 0
+        for r, b in zip(tail, loc):
+            if r is None or r == NULL_BLOCK_ID:
+                missing.append(b)
+                lacking += 1
+            else:
+                remote_ids.append(r)
+                local_ids.append(b)
+        if lacking:
+            logger.error("KVBridgeConnector: request %s: KV cache group %d: the producer has "
+                         "no block for %d of the %d blocks needed here; they are load errors",
+                         request_id, g, lacking, len(loc))
+    return remote_ids, local_ids, missing

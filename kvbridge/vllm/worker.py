@@ -27,6 +27,12 @@ assert, so each is a rule of the state machine below and has a test:
 3. A failed load's blocks go to ``get_block_ids_with_load_errors`` in the same
    pass that reports the request, once - only the corrupted ones when the
    checksums name them (vLLM recomputes from the first), all of them otherwise.
+   Under tensor parallelism a load is one pull per producer rank this rank
+   reads (``KVAgent.pull_sharded``); it is reported once every pull has
+   stopped, and if one fails the others are cancelled and the request fails
+   whole - never half a request. With several KV cache groups (hybrid
+   models) failures are reported by request (``failed_recving``), since
+   block ids are unique per group only.
 4. A request is reported ``finished_sending`` exactly once, only after vLLM
    handed it over (``SendSpec``: ``request_finished`` returned True), and once
    no consumer can read its blocks any more: read, released or expired. A
@@ -37,7 +43,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
@@ -54,7 +60,12 @@ from kvbridge.vllm.metadata import (
     RecvSpec,
 )
 from kvbridge.vllm.stats import KVBridgeKVConnectorStats
-from kvbridge.vllm_layout import layout_from_vllm, ordered_kv_regions, ordered_layer_names
+from kvbridge.vllm_layout import (
+    distinct_layer_names,
+    layout_from_vllm,
+    ordered_kv_regions,
+    ordered_layer_names,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -65,19 +76,34 @@ logger = init_logger(__name__)
 
 @dataclass
 class _Load:
-    """A pull vLLM waits on. ``handle`` is None when it failed before it could
-    start (``error`` says why); ``aborted``: vLLM finished the request."""
+    """A load vLLM waits on: one pull per producer rank this rank reads
+    (``KVAgent.pull_sharded``; one when both sides have the same TP size).
+    ``handles`` is empty when it failed before it could start (``error``
+    says why); ``aborted``: vLLM finished the request."""
 
     spec: RecvSpec
-    handle: TransferHandle | None = None
+    handles: list[TransferHandle] = field(default_factory=list)
     error: str | None = None
-    peer: str | None = None
+    #: producer ranks read or handed back: where a release goes
+    peers: list[str] = field(default_factory=list)
     aborted: bool = False
+
+    def done(self) -> bool:
+        return all(h.done() for h in self.handles)
+
+    def ok(self) -> bool:
+        return bool(self.handles) and all(h.state == TransferState.DONE for h in self.handles)
 
 
 class KVBridgeWorker:
-    def __init__(self, vllm_config: VllmConfig, engine_id: str):
+    def __init__(self, vllm_config: VllmConfig, engine_id: str, kv_cache_config=None):
         self.vllm_config = vllm_config
+        self.kv_cache_config = kv_cache_config
+        #: several KV cache groups (hybrid models, vLLM's HMA): block ids are
+        #: unique per group only, so a failed load is reported by request
+        #: (``failed_recving``), never by block id
+        self.multi_group = len(getattr(kv_cache_config, "kv_cache_groups", None) or ()) > 1
+        self._failed_recving: set[str] = set()
         self.config = KVBridgeConfig.from_vllm(vllm_config)
         self.engine_id = engine_id
         self.agent: KVAgent | None = None
@@ -106,7 +132,11 @@ class KVBridgeWorker:
             self._tp_rank = get_tensor_model_parallel_rank()
         except Exception:  # noqa: BLE001 - not initialised in some test setups
             self._tp_rank = 0
-        layout = layout_from_vllm(self.vllm_config, kv_caches)
+        layout = layout_from_vllm(self.vllm_config, kv_caches,
+                                  kv_cache_config=self.kv_cache_config)
+        # Layers of different KV cache groups share memory under vLLM's hybrid
+        # allocator: each distinct tensor is one region, moved once.
+        kv_caches = {n: kv_caches[n] for n in distinct_layer_names(kv_caches)}
         if layout.tp_rank != self._tp_rank:
             layout = type(layout)(**{**layout.to_dict(), "tp_rank": self._tp_rank})
         on_host = next(iter(kv_caches.values())).device.type == "cpu"
@@ -160,15 +190,17 @@ class KVBridgeWorker:
         for req_id, spec in meta.reqs_to_send.items():
             self._start_send(req_id, spec.block_ids, spec.num_tokens)
         for spec in meta.reqs_to_release:
-            peer = self._rank_address(spec.addresses)
-            if peer is not None:
+            try:
+                peers = self.agent.producer_ranks(spec.addresses)
+            except Exception as e:  # noqa: BLE001 - an unpairable producer: nothing to free
+                logger.warning("KVBridgeConnector: cannot hand back request %s: %s",
+                               spec.remote_request_id, e)
+                continue
+            for peer in peers:
                 self.agent.release_remote(peer, spec.remote_request_id, spec.reason)
-                self._stats.bump("num_released")
+            self._stats.bump("num_released")
         for req_id, spec in meta.reqs_to_recv.items():
             self._start_load(req_id, spec)
-
-    def _rank_address(self, addresses: list[str]) -> str | None:
-        return addresses[self._tp_rank] if len(addresses) > self._tp_rank else None
 
     # -- producer (rule 4) --
     def _start_send(self, req_id: str, block_ids: list[int], num_tokens: int) -> None:
@@ -217,19 +249,14 @@ class KVBridgeWorker:
             return
         load = _Load(spec)
         self._loads[req_id] = load
-        peer = self._rank_address(spec.addresses)
-        if peer is None:
-            load.error = (f"the producer has {len(spec.addresses)} TP ranks, this is rank "
-                          f"{self._tp_rank}")
-            return
-        load.peer = peer
-        instance = (spec.instance_ids[self._tp_rank]
-                    if spec.instance_ids and len(spec.instance_ids) > self._tp_rank else None)
         try:
-            load.handle = self.agent.pull_blocks(peer, spec.remote_request_id,
-                                                 spec.remote_block_ids, spec.local_block_ids,
-                                                 producer_instance=instance)
-        except Exception as e:  # noqa: BLE001 - bad ids etc.: a load error, not a crash
+            # This rank's heads from whichever producer ranks hold them (any
+            # two TP sizes; kvbridge.shard), all pulls at once.
+            load.peers = self.agent.producer_ranks(spec.addresses)
+            load.handles = self.agent.pull_sharded(spec.addresses, spec.remote_request_id,
+                                                   spec.remote_block_ids, spec.local_block_ids,
+                                                   instance_ids=spec.instance_ids)
+        except Exception as e:  # noqa: BLE001 - bad ids, unpairable TP: a load error
             load.error = f"{type(e).__name__}: {e}"
 
     def get_finished(self, finished_req_ids: set[str] | None = None,
@@ -241,11 +268,16 @@ class KVBridgeWorker:
             load = self._loads[req_id]
             if not load.aborted:
                 load.aborted = True
-                if load.handle is not None:
-                    load.handle.cancel()
+                for handle in load.handles:
+                    handle.cancel()
         done_recving: set[str] = set()
         for req_id, load in list(self._loads.items()):
-            if load.handle is not None and not load.handle.done():
+            if not load.done():
+                if any(h.done() and h.state != TransferState.DONE for h in load.handles):
+                    # One rank's pull failed: the request fails whole, so stop
+                    # the others; it is reported once they stopped writing.
+                    for handle in load.handles:
+                        handle.cancel()
                 continue
             del self._loads[req_id]
             done_recving.add(req_id)
@@ -253,31 +285,50 @@ class KVBridgeWorker:
         return self._poll_sent() or None, done_recving or None
 
     def _finish_load(self, req_id: str, load: _Load) -> None:
-        spec, handle = load.spec, load.handle
+        spec = load.spec
         if load.aborted:
             self._stats.bump("num_aborted_loads")
-            if load.peer is not None and (handle is None or handle.state != TransferState.DONE):
-                self.agent.release_remote(load.peer, spec.remote_request_id, "aborted")
+            if not load.ok():
+                for peer in load.peers:
+                    self.agent.release_remote(peer, spec.remote_request_id, "aborted")
             return
-        if handle is not None and handle.state == TransferState.DONE:
-            self._stats.record_transfer(handle.nbytes, handle.duration_s or 0.0)
-            self._finished_transfers[req_id] = (handle.nbytes, handle.duration_s or 0.0,
-                                                len(spec.local_block_ids))
+        if load.ok():
+            nbytes = sum(h.nbytes for h in load.handles)
+            seconds = max(h.duration_s or 0.0 for h in load.handles)
+            self._stats.record_transfer(nbytes, seconds)
+            self._finished_transfers[req_id] = (nbytes, seconds, len(spec.local_block_ids))
             # Rule 3: blocks the producer never sent (logged when scheduled).
-            self._load_errors.update(spec.missing_local_ids)
+            self._report_load_error(req_id, spec.missing_local_ids)
             return
         self._stats.record_failure()
+        failed = [h for h in load.handles if h.state != TransferState.DONE]
         bad = list(spec.local_block_ids)
-        if handle is not None and handle.invalid_local_ids:
+        if failed and all(h.invalid_local_ids for h in failed):
             self._stats.bump("num_checksum_failures")
-            bad = handle.invalid_local_ids
-        self._load_errors.update(bad)
-        self._load_errors.update(spec.missing_local_ids)
-        logger.error("KVBridgeConnector: load of request %s failed: %s (producer %s, "
-                     "remote request %s, %d of %d blocks reported as load errors)", req_id,
-                     handle.error if handle is not None else load.error, load.peer,
-                     spec.remote_request_id, len(bad) + len(spec.missing_local_ids),
+            bad = sorted({b for h in failed for b in h.invalid_local_ids})
+        self._report_load_error(req_id, bad + list(spec.missing_local_ids))
+        errors = [f"{h.peer}: {h.error}" for h in failed if h.error] or [load.error]
+        logger.error("KVBridgeConnector: load of request %s failed: %s (remote request %s, "
+                     "%d of %d blocks reported as load errors)", req_id, "; ".join(
+                         e for e in errors if e), spec.remote_request_id,
+                     len(bad) + len(spec.missing_local_ids),
                      len(spec.local_block_ids) + len(spec.missing_local_ids))
+
+    def _report_load_error(self, req_id: str, block_ids) -> None:
+        """Rule 3, by block id - or by request when the engine has several KV
+        cache groups (block ids are unique per group only)."""
+        if not block_ids:
+            return
+        if self.multi_group:
+            self._failed_recving.add(req_id)
+        else:
+            self._load_errors.update(block_ids)
+
+    def failed_recving(self) -> set[str]:
+        """Requests reported received this pass whose load failed (several KV
+        cache groups only; see ``_report_load_error``)."""
+        out, self._failed_recving = self._failed_recving, set()
+        return out
 
     def build_worker_meta(self) -> KVBridgeWorkerMetadata | None:
         if not self._finished_transfers:
