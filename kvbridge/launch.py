@@ -37,6 +37,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(count: int, tries: int = 50) -> int:
+    """The first of ``count`` consecutive free ports on 127.0.0.1 (a
+    producer's TP ranks listen on ``kv_port + rank``). Raises if none found."""
+    import random
+
+    for _ in range(tries):
+        base = random.randint(20000, 60000 - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
 def kv_transfer_config(role: str, *, transport: str = "tcp", kv_port: int | None = None,
                        policy: str = "fail", connector: str = "KVBridgeConnector",
                        extra: dict | None = None) -> dict:

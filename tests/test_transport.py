@@ -477,3 +477,32 @@ def test_a_slice_that_does_not_fit_fails_clearly(backend, producers, consumers):
                   remote_slice=BlockSlice(cons.layout.block_bytes, cons.layout.block_bytes),
                   local_slice=None)
     assert h.wait(30) == TransferState.FAILED
+
+
+def test_agent_pull_sharded_reads_one_replica_and_frees_the_others(producers):
+    """The custom-engine API's TP read (``KVAgent.pull_sharded``, what the
+    vLLM connector uses): an MLA-like cache (one head, replicated on both
+    producer ranks) read by a TP-1 consumer comes from rank 0 whole, and rank
+    1, which nobody reads, is told to free the request at once."""
+    from kvbridge.agent import KVAgent
+
+    cache_kw = dict(kv_heads=1)
+    prods = [producers("tcp", cache_kw=dict(cache_kw, tp_size=2, tp_rank=p)) for p in range(2)]
+    for p in prods:
+        p.publish("mla", [4, 5, 6])
+    agent = KVAgent(make_cache(NUM_BLOCKS, None, **cache_kw), transport="tcp")
+    try:
+        handles = agent.pull_sharded([p.address for p in prods], "mla", [4, 5, 6], [1, 2, 3])
+        assert len(handles) == 1 and handles[0].peer == prods[0].address
+        assert handles[0].wait(60) == TransferState.DONE, handles[0].error
+        want = make_cache(NUM_BLOCKS, 11, **cache_kw)
+        assert digest(agent.cache, [1, 2, 3]) == digest(want, [4, 5, 6])
+        for p, reason in zip(prods, ("read", "released")):
+            deadline = time.monotonic() + 10
+            released = []
+            while time.monotonic() < deadline and not released:
+                released = p.call("poll")
+                time.sleep(0.05)
+            assert released == [("mla", reason)], (p.address, released)
+    finally:
+        agent.close()

@@ -79,6 +79,9 @@ class KVBridgeScheduler:
         #: consumer: what each finished pull moved (from the workers), reported
         #: back in the decode response's kv_transfer_params
         self._transfer_figures: dict[str, tuple[int, float, int]] = {}
+        #: consumer, several KV cache groups: blocks pulled per group, reported
+        #: with the figures (a sliding-window group moves only its window)
+        self._group_blocks: dict[str, list[int]] = {}
         self._control: list[ControlClient] = []
 
     # -- handshake metadata from the workers --
@@ -124,9 +127,11 @@ class KVBridgeScheduler:
             # but let the producer free its blocks now rather than at lease end.
             self._release(params, "served from the local prefix cache")
             return
-        remote_ids, local_ids, missing = pair_group_blocks(
+        remote_ids, local_ids, missing, per_group = pair_group_blocks(
             request.request_id, params.get("remote_block_ids") or [],
             _unhashed_per_group(blocks))
+        if self.num_groups > 1:
+            self._group_blocks[request.request_id] = per_group
         self._reqs_to_recv[request.request_id] = RecvSpec(
             remote_request_id=params["remote_request_id"],
             addresses=list(params["remote_addresses"]),
@@ -177,10 +182,14 @@ class KVBridgeScheduler:
             # A router asking what this instance is (layout pre-check).
             return False, {"kvbridge_describe": self.describe()}
         figures = self._transfer_figures.pop(request.request_id, None)
+        per_group = self._group_blocks.pop(request.request_id, None)
         if figures is not None:
             nbytes, seconds, blocks = figures
-            return False, {"kvbridge_kv_bytes": nbytes, "kvbridge_kv_blocks": blocks,
-                           "kvbridge_transfer_ms": round(seconds * 1e3, 3)}
+            out = {"kvbridge_kv_bytes": nbytes, "kvbridge_kv_blocks": blocks,
+                   "kvbridge_transfer_ms": round(seconds * 1e3, 3)}
+            if per_group is not None:
+                out["kvbridge_kv_blocks_by_group"] = per_group
+            return False, out
         if params.get("do_remote_prefill") and is_kvbridge_params(params):
             # A consumer request that never waited on a load: aborted before
             # its blocks were allocated, or the pre-aborted request vLLM's API
@@ -246,9 +255,9 @@ def _unhashed_per_group(blocks: KVCacheBlocks) -> list[list[int]]:
 
 
 def pair_group_blocks(request_id: str, remote: list, local: list[list[int]],
-                      ) -> tuple[list[int], list[int], list[int]]:
-    """(remote ids, local ids, missing local ids) of one load, over every
-    group. ``remote``: the producer's block ids (one list, or one per group);
+                      ) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(remote ids, local ids, missing local ids, blocks pulled per group) of
+    one load, over every group. ``remote``: the producer's block ids (one list, or one per group);
     ``local``: the blocks to fill here, per group.
 
     Each group pairs from the end: the blocks still to fill are the last ones
@@ -262,14 +271,16 @@ def pair_group_blocks(request_id: str, remote: list, local: list[list[int]],
         logger.error("KVBridgeConnector: request %s: the producer has %d KV cache groups, "
                      "this engine %d; every block is a load error", request_id,
                      len(remote_groups), len(local))
-        return [], [], [b for g in local for b in g]
+        return [], [], [b for g in local for b in g], [0] * len(local)
     remote_ids: list[int] = []
     local_ids: list[int] = []
     missing: list[int] = []
+    per_group: list[int] = []
     for g, (rem, loc) in enumerate(zip(remote_groups, local)):
         tail = rem[len(rem) - len(loc):] if len(loc) <= len(rem) else [None] * (
             len(loc) - len(rem)) + rem
         lacking = 0
+        per_group.append(0)
         for r, b in zip(tail, loc):
             if r is None or r == NULL_BLOCK_ID:
                 missing.append(b)
@@ -277,8 +288,9 @@ def pair_group_blocks(request_id: str, remote: list, local: list[list[int]],
             else:
                 remote_ids.append(r)
                 local_ids.append(b)
+                per_group[-1] += 1
         if lacking:
             logger.error("KVBridgeConnector: request %s: KV cache group %d: the producer has "
                          "no block for %d of the %d blocks needed here; they are load errors",
                          request_id, g, lacking, len(loc))
-    return remote_ids, local_ids, missing
+    return remote_ids, local_ids, missing, per_group

@@ -1,0 +1,174 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Real deployment shapes behind real API servers: equal and mixed tensor
+parallelism, Qwen3, and Gemma-3's hybrid KV cache (sliding-window + full).
+
+Each shape's servers start once per module and serve every prompt of it (the
+suite must stay under 30 minutes). The test plays the router: prompt to the
+producer with ``do_remote_decode`` and ``max_tokens=1``, its
+``kv_transfer_params`` forwarded unchanged to the consumer. Every decode
+answer must equal the colocated answer of the same model, and the consumer
+must compute no prompt token (vLLM's ``prompt_tokens_by_source`` counters).
+
+The TP servers are ``kv_both``, so three of them give every direction:
+TP1 -> TP2, TP2 -> TP1 and TP2 -> TP2. Prefix caching is off so a server's
+own earlier prompts never stand in for a transfer.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+import test_vllm_servers as S
+
+from kvbridge import tiny_model
+from kvbridge.launch import (
+    free_port,
+    free_port_block,
+    kv_transfer_config,
+    start_server,
+    stop_all,
+    wait_healthy,
+)
+
+pytestmark = pytest.mark.vllm
+
+BLOCK = 32
+#: one prompt shorter than a block, one not a multiple of the block size
+PROMPTS = {
+    "short": "The socket module provides access to the BSD socket interface.",
+    "long": ("Return a new list containing all items from the iterable in ascending order; "
+             "a custom key function can be supplied to customise the sort order. ") * 5
+            + "The reverse flag can be set to request the result in descending order.",
+}
+MAX_TOKENS = 12
+#: the first P/D answer after the servers are ready: seconds, not a timeout
+FIRST_ANSWER_S = 30
+
+
+def _server(name, model, tmp, *, tp=1, role="kv_both", transport="tcp", core=None,
+            extra=None):
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1" if tp == 2 else str(core or 0)}
+    args = ["--no-enable-prefix-caching"] + (["--tensor-parallel-size", "2"] if tp == 2 else [])
+    return start_server(name, model, free_port(), block_size=BLOCK, log_dir=tmp,
+                        served_name="tiny", extra_args=args + (extra or []), env=env,
+                        kv_config=kv_transfer_config(role, transport=transport,
+                                                     kv_port=free_port_block(tp)))
+
+
+def _text(server, prompt, max_tokens=MAX_TOKENS, params=None):
+    return S.complete(server.url, "tiny", prompt, max_tokens, params)
+
+
+def pd_exchange(prefill, decode, prompt):
+    """Route one prompt through the pair; returns (decode response, prompt
+    tokens computed on decode by source: the delta this request made)."""
+    before = S.prompt_sources(decode.url)
+    p = _text(prefill, prompt, 1, {"do_remote_decode": True})
+    params = p["kv_transfer_params"]
+    assert params and params.get("kvbridge"), p
+    d = _text(decode, prompt, MAX_TOKENS, params)
+    after = S.prompt_sources(decode.url)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return d, delta
+
+
+def check_pair(prefill, decode, reference: dict[str, str]) -> list[float]:
+    """Every prompt through prefill -> decode: identical text, no prompt token
+    computed on decode. Returns the seconds each exchange took."""
+    took = []
+    for name, prompt in PROMPTS.items():
+        t0 = time.monotonic()
+        d, delta = pd_exchange(prefill, decode, prompt)
+        took.append(time.monotonic() - t0)
+        tokens = d["usage"]["prompt_tokens"]
+        assert d["choices"][0]["text"] == reference[name], (name, prefill.name, decode.name)
+        assert delta.get("local_compute", 0) == 0, (name, delta)
+        assert delta.get("external_kv_transfer", 0) == tokens, (name, delta, tokens)
+    return took
+
+
+def _reference(server) -> dict[str, str]:
+    return {name: _text(server, prompt)["choices"][0]["text"] for name, prompt in PROMPTS.items()}
+
+
+def test_prompts_cover_the_block_edge_cases(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    lens = {n: len(tok(p)["input_ids"]) for n, p in PROMPTS.items()}
+    assert lens["short"] < BLOCK and lens["long"] > BLOCK and lens["long"] % BLOCK, lens
+
+
+# ---------------------------------------------------------------- tensor parallelism
+@pytest.fixture(scope="module", params=["tcp", "cma"])
+def tp_servers(request, tiny_model_dir, tmp_path_factory):
+    transport = request.param
+    tmp = tmp_path_factory.mktemp(f"tp-{transport}")
+    servers = {"tp1": _server("tp1", tiny_model_dir, tmp, transport=transport, core=0),
+               "tp2a": _server("tp2a", tiny_model_dir, tmp, tp=2, transport=transport),
+               "tp2b": _server("tp2b", tiny_model_dir, tmp, tp=2, transport=transport)}
+    try:
+        wait_healthy(list(servers.values()), timeout_s=420)
+        ready = time.monotonic()
+        # The colocated answer, from the TP1 server (TP2 answers the same).
+        yield servers, _reference(servers["tp1"]), ready
+    finally:
+        stop_all(list(servers.values()))
+
+
+@pytest.mark.parametrize("direction", ["tp1->tp2a", "tp2a->tp1", "tp2a->tp2b"])
+def test_tp_pair_token_identical(tp_servers, direction):
+    servers, reference, ready = tp_servers
+    prefill, decode = (servers[n] for n in direction.split("->"))
+    took = check_pair(prefill, decode, reference)
+    # No handshake waits out a timeout: the first exchange takes seconds.
+    assert took[0] < FIRST_ANSWER_S, took
+    for s in (prefill, decode):
+        log = s.log_path.read_text(errors="replace")
+        assert "EngineDeadError" not in log and "refusing consumer" not in log, s.name
+
+
+# ---------------------------------------------------------------- other models
+@pytest.fixture(scope="module", params=["qwen3", "gemma3"])
+def model_pair(request, tmp_path_factory):
+    arch = request.param
+    model = tiny_model.ensure(tiny_model.default_path(arch=arch), arch=arch)
+    tmp = tmp_path_factory.mktemp(arch)
+    prefill = _server("prefill", model, tmp, role="kv_producer", core=0)
+    decode = _server("decode", model, tmp, role="kv_consumer", core=1)
+    try:
+        wait_healthy([prefill, decode], timeout_s=300)
+        yield arch, prefill, decode, _reference(decode)
+    finally:
+        stop_all([prefill, decode])
+
+
+def test_model_pair_token_identical(model_pair):
+    arch, prefill, decode, reference = model_pair
+    check_pair(prefill, decode, reference)
+    log = decode.log_path.read_text(errors="replace")
+    assert "Turning off hybrid kv cache manager" not in log
+
+
+@pytest.mark.parametrize("model_pair", ["gemma3"], indirect=True)
+def test_gemma3_sliding_window_moves_only_its_window(model_pair):
+    arch, prefill, decode, _ = model_pair
+    window = tiny_model.GEMMA3_CONFIG["sliding_window"]
+    # A prompt spanning several windows: the sliding-window group keeps only
+    # the blocks its window still covers, the full-attention group all.
+    prompt = PROMPTS["long"] * 2
+    d, delta = pd_exchange(prefill, decode, prompt)
+    assert delta.get("local_compute", 0) == 0, delta
+    per_group = d["kv_transfer_params"]["kvbridge_kv_blocks_by_group"]
+    tokens = d["usage"]["prompt_tokens"]
+    assert len(per_group) == 2, per_group
+    full, sliding = max(per_group), min(per_group)
+    assert full == -(-tokens // BLOCK), (per_group, tokens)
+    assert sliding <= -(-window // BLOCK) + 1 < full, (per_group, window)
+    # And the answer is still right.
+    assert d["choices"][0]["text"] == _text(decode, prompt)["choices"][0]["text"]
+    for s in (prefill, decode):
+        assert "Turning off hybrid kv cache manager" not in s.log_path.read_text(errors="replace")
+    assert httpx.get(decode.url + "/health", timeout=10).status_code == 200
