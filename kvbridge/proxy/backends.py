@@ -20,7 +20,7 @@ from typing import Protocol
 
 import httpx
 
-from kvbridge.layout import KVLayout, layout_differences
+from kvbridge.layout import KVLayout, LayoutMismatchError, check_pairable, layout_differences
 
 logger = logging.getLogger("kvbridge.proxy")
 
@@ -88,6 +88,12 @@ def describe_mismatches(prefill: list[Backend], decode: list[Backend]) -> list[s
         for d in decode:
             if p.layout is None or d.layout is None:
                 continue
+            try:
+                # Different TP sizes pair when the heads can be split.
+                check_pairable(d.layout, p.layout)
+                continue
+            except LayoutMismatchError:
+                pass
             diffs = [(f, a, b) for f, a, b in layout_differences(p.layout, d.layout)
                      if f != "tp_rank"]
             if diffs:
