@@ -41,9 +41,12 @@ _ports = itertools.count(16100 + (os.getpid() % 500) * 8)
 class Engine:
     """A vLLM engine in its own process, driven over stdin/stdout."""
 
-    def __init__(self, role: str, model, **opts):
+    def __init__(self, role: str, model, *, env: dict | None = None, wait: bool = True,
+                 **opts):
+        """``env``: added to the process environment; ``wait=False`` returns
+        once started (call ``wait_ready`` - to start several engines at once)."""
         self.log: list[str] = []
-        env = {**os.environ, "UCX_NET_DEVICES": "lo", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "UCX_NET_DEVICES": "lo", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, str(HELPERS / "vllm_pd.py"), role, str(model), json.dumps(opts)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -51,7 +54,14 @@ class Engine:
         self._replies: list[dict] = []
         self._cv = threading.Condition()
         threading.Thread(target=self._pump, daemon=True).start()
-        self.ready = self.wait_reply(180)
+        self.ready: dict | None = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 180) -> dict:
+        if self.ready is None:
+            self.ready = self.wait_reply(timeout)
+        return self.ready
 
     def _pump(self):
         for line in self.proc.stdout:
