@@ -30,7 +30,22 @@ key                    meaning                                         default
                        (``kv_load_failure_policy`` applies)
 ``fault_flip_byte_``   fault injection: the consumer flips one byte    0 (off)
 ``every``              of every Nth pull it lands (tests, chaos runs)
+``step_yield_ms``      while transfers are in flight, the engine's     2
+                       thread sleeps this long at each step's
+                       connector hooks, so kvbridge's threads get the
+                       GIL (see below); 0 turns it off
 =====================  ==============================================  ===========
+
+Why ``step_yield_ms``: vLLM's multiprocess workers wait for the next step in
+a loop of ``os.sched_yield()`` calls (``shm_broadcast``), which releases and
+retakes the GIL millions of times a second. CPython's GIL hands over to a
+waiting thread only when the holder keeps it for a whole switch interval, so
+every other thread in the worker - kvbridge's handshakes, grants and
+receives - can wait for seconds, sometimes over a minute (measured here with
+a TP=2 decode engine: a handshake stalled past its 20 s deadline, a grant
+arrived after 101 s, while the process's own watchdog thread saw no GIL at
+all). A short real sleep in the hooks the engine's thread calls every step
+hands the GIL over.
 
 Host staging: sockets and cross-memory attach address host memory only, so a
 KV cache in GPU memory is mirrored in page-locked host memory (as
@@ -51,7 +66,7 @@ from kvbridge.transport import TransportConfig, transport_class
 
 _KNOWN = {"transport", "host", "advertise_host", "port", "lease_s", "secret",
           "transfer_timeout_s", "handshake_timeout_s", "publish_wait_s", "host_staging",
-          "checksum", "fault_flip_byte_every"}
+          "checksum", "fault_flip_byte_every", "step_yield_ms"}
 
 
 def _flag(value, key: str) -> bool:
@@ -72,6 +87,8 @@ class KVBridgeConfig:
     transport_config: TransportConfig
     #: "auto", "true" or "false" (see the module docstring)
     host_staging: str = "auto"
+    #: seconds the engine thread sleeps per step while transfers are in flight
+    step_yield_s: float = 0.002
 
     @property
     def is_producer(self) -> bool:
@@ -112,5 +129,9 @@ class KVBridgeConfig:
         if staging not in ("auto", "true", "false"):
             raise ValueError(f"kv_connector_extra_config.host_staging must be auto, true or "
                              f"false, got {extra.get('host_staging')!r}")
+        step_yield_ms = float(extra.get("step_yield_ms", 2.0))
+        if not 0 <= step_yield_ms <= 100:
+            raise ValueError(f"kv_connector_extra_config.step_yield_ms must be in [0, 100], "
+                             f"got {step_yield_ms}")
         return cls(role=role, transport=transport, base_port=int(extra.get("port", ktc.kv_port)),
-                   transport_config=tc, host_staging=staging)
+                   transport_config=tc, host_staging=staging, step_yield_s=step_yield_ms / 1e3)

@@ -201,6 +201,14 @@ class KVBridgeWorker:
             self._stats.bump("num_released")
         for req_id, spec in meta.reqs_to_recv.items():
             self._start_load(req_id, spec)
+        self._yield_to_transport()
+
+    def _yield_to_transport(self) -> None:
+        """While transfers are in flight, let kvbridge's threads have the GIL
+        (see ``step_yield_ms`` in ``kvbridge.vllm.config``): vLLM's worker
+        busy-waits for the next step in a way that starves other threads."""
+        if self.config.step_yield_s and (self._loads or self._sending):
+            time.sleep(self.config.step_yield_s)
 
     # -- producer (rule 4) --
     def _start_send(self, req_id: str, block_ids: list[int], num_tokens: int) -> None:
@@ -282,7 +290,9 @@ class KVBridgeWorker:
             del self._loads[req_id]
             done_recving.add(req_id)
             self._finish_load(req_id, load)
-        return self._poll_sent() or None, done_recving or None
+        done_sending = self._poll_sent()
+        self._yield_to_transport()
+        return done_sending or None, done_recving or None
 
     def _finish_load(self, req_id: str, load: _Load) -> None:
         spec = load.spec
