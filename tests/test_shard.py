@@ -82,3 +82,10 @@ def test_pairable_accepts_other_tp_sizes_and_names_what_cannot_be_bridged():
         check_pairable(layout(1, 0, kv_lora_rank=0), layout(1, 0, kv_lora_rank=512,
                                                             rope_head_dim=64))
     assert "kv_lora_rank: local 0, remote 512" in str(err.value)
+
+
+def test_a_kv_cache_group_mismatch_is_refused_and_named():
+    hybrid = ("SlidingWindowSpec(window=64) x 2 layers", "FullAttentionSpec x 2 layers")
+    with pytest.raises(LayoutMismatchError) as err:
+        check_pairable(layout(1, 0, kv_cache_groups=hybrid), layout(2, 0))
+    assert "kv_cache_groups: local" in str(err.value) and "SlidingWindowSpec" in str(err.value)

@@ -194,3 +194,29 @@ def test_gemma3_sliding_window_moves_only_its_window(model_pair):
     for s in (prefill, decode):
         assert "Turning off hybrid kv cache manager" not in s.log_path.read_text(errors="replace")
     assert httpx.get(decode.url + "/health", timeout=10).status_code == 200
+
+
+def test_tp2_to_tp1_a_corrupted_rank_read_is_never_garbage(tiny_model_dir, tmp_path):
+    """Decode TP 1 gathers each block from two producer ranks; every second
+    read lands with a flipped byte. The checksums name the corrupted blocks,
+    vLLM recomputes from there (``recompute``), and the answer is still the
+    colocated one - never half a request's KV taken as good."""
+    prefill = _server("prefill", tiny_model_dir, tmp_path, tp=2, role="kv_producer")
+    decode = start_server(
+        "decode", tiny_model_dir, free_port(), block_size=BLOCK, log_dir=tmp_path,
+        served_name="tiny", extra_args=["--no-enable-prefix-caching"],
+        env={"VLLM_CPU_OMP_THREADS_BIND": "0", "OMP_WAIT_POLICY": "PASSIVE"},
+        kv_config=kv_transfer_config("kv_consumer", kv_port=free_port(), policy="recompute",
+                                     extra={"fault_flip_byte_every": 2}))
+    try:
+        wait_healthy([prefill, decode], timeout_s=420)
+        want = _text(decode, PROMPTS["long"])["choices"][0]["text"]
+        d, delta = pd_exchange(prefill, decode, PROMPTS["long"])
+        assert d["choices"][0]["text"] == want
+        # One of the two rank reads was corrupted: its blocks were recomputed.
+        assert delta.get("local_compute", 0) > 0, delta
+        log = decode.log_path.read_text(errors="replace")
+        assert "checksum mismatch" in log and "EngineDeadError" not in log
+        assert httpx.get(decode.url + "/health", timeout=10).status_code == 200
+    finally:
+        stop_all([prefill, decode])
