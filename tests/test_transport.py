@@ -506,3 +506,15 @@ def test_agent_pull_sharded_reads_one_replica_and_frees_the_others(producers):
             assert released == [("mla", reason)], (p.address, released)
     finally:
         agent.close()
+
+
+def test_custom_layout_of_another_tp_size_is_refused_at_the_handshake(producers, consumers):
+    """Whole blocks only for a custom layout: a TP-2 consumer of a TP-1 producer
+    is refused before any byte moves, naming tp_size and the layout."""
+    prod = producers("tcp", cache_kw=dict(memory_layout="custom"))
+    cons = consumers("tcp", memory_layout="custom", tp_size=2, tp_rank=0)
+    with pytest.raises(LayoutMismatchError) as err:
+        cons.handshake(prod.address)
+    msg = str(err.value)
+    assert "tp_size: local 2, remote 1" in msg and "memory_layout: local custom" in msg, msg
+    assert prod.call("metrics")["pulls_served"] == 0

@@ -120,6 +120,16 @@ class TransferState(enum.Enum):
         return self in (TransferState.DONE, TransferState.FAILED, TransferState.CANCELLED)
 
 
+def _pairing_error(local: KVLayout, remote: KVLayout) -> LayoutMismatchError:
+    """Why ``remote`` refused ``local``: ``check_pairable``'s error (with the
+    reason a TP split is impossible), or every differing field."""
+    try:
+        check_pairable(local, remote)
+    except LayoutMismatchError as e:
+        return e
+    return LayoutMismatchError(layout_differences(local, remote))
+
+
 class TransferError(RuntimeError):
     """A pull failed; ``reason`` says why."""
 
@@ -975,7 +985,7 @@ class Transport:
             err = e.error
             if err.code == "layout" and err.layout is not None:
                 # The producer keeps this connection open for Release only.
-                conn.refusal = LayoutMismatchError(layout_differences(self.layout, err.layout))
+                conn.refusal = _pairing_error(self.layout, err.layout)
                 sock.settimeout(min(1.0, self.config.transfer_timeout_s))
                 return
             if err.code == "auth":
