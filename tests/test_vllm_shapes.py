@@ -121,6 +121,11 @@ class TPServers:
             self.up[name] = _server(name, self.model, self.tmp, transport=self.transport,
                                     tp=1 if name == "tp1" else 2, core=0)
         wait_healthy([self.up[n] for n in new], timeout_s=420)
+        for name in new:
+            # An engine's first forward pass sets up its kernels (and a TP-2
+            # engine its all-reduce): seconds to half a minute on this loaded
+            # CPU. Spent here, so the first P/D exchange times the transfer.
+            _text(self.up[name], PROMPTS["short"], 2)
         if self.reference is None:
             # The colocated answer (TP 1 and TP 2 answer the same).
             self.reference = _reference(self.up[names[0]])
