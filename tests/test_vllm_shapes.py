@@ -150,6 +150,7 @@ def tp_servers(request, tiny_model_dir, tmp_path_factory):
 def test_tp_pair_token_identical(tp_servers, direction):
     prefill, decode = tp_servers.get(*direction.split("->"))
     took = check_pair(prefill, decode, tp_servers.reference)
+    print(f"{tp_servers.transport} {direction}: exchanges took {[round(t, 2) for t in took]} s")
     # No handshake waits out a timeout: the first exchange takes seconds.
     assert took[0] < FIRST_ANSWER_S, took
     for s in (prefill, decode):
@@ -190,6 +191,7 @@ def test_gemma3_sliding_window_moves_only_its_window(model_pair):
     assert delta.get("local_compute", 0) == 0, delta
     per_group = d["kv_transfer_params"]["kvbridge_kv_blocks_by_group"]
     tokens = d["usage"]["prompt_tokens"]
+    print(f"gemma3: {tokens} prompt tokens, blocks pulled per KV cache group {per_group}")
     assert len(per_group) == 2, per_group
     full, sliding = max(per_group), min(per_group)
     assert full == -(-tokens // BLOCK), (per_group, tokens)
