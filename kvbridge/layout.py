@@ -298,9 +298,10 @@ def check_pairable(local: KVLayout, remote: KVLayout) -> None:
     range of each block; ``LBNHC``: a regular stride) - a ``custom`` layout
     moves whole blocks only, and is refused naming ``tp_size`` and the layout.
     """
-    diffs = [d for d in layout_differences(local, remote) if d[0] not in TP_FIELDS]
-    if diffs:
-        raise LayoutMismatchError(diffs)
+    every = layout_differences(local, remote)
+    if any(d[0] not in TP_FIELDS for d in every):
+        # A real mismatch: name every differing field (a rank differs anyway).
+        raise LayoutMismatchError([d for d in every if d[0] != "tp_rank"])
     tp_diffs = [d for d in layout_differences(local, remote) if d[0] in TP_FIELDS]
     if local.tp_size == remote.tp_size:
         # Symmetric: rank r reads rank r's blocks whole.

@@ -227,3 +227,31 @@ def test_tp2_to_tp1_a_corrupted_rank_read_is_never_garbage(tiny_model_dir, tmp_p
         assert httpx.get(decode.url + "/health", timeout=10).status_code == 200
     finally:
         stop_all([prefill, decode])
+
+
+def test_gemma3_failed_load_is_reported_by_request(tmp_path):
+    """Several KV cache groups: block ids are unique per group only, so vLLM
+    takes a failed load by request (``failed_recving``), never by block id
+    (which would kill its engine). Every pull lands corrupted here; under
+    ``recompute`` the decode computes the whole prompt itself and answers
+    right, and the engine keeps serving."""
+    model = tiny_model.ensure(tiny_model.default_path(arch="gemma3"), arch="gemma3")
+    prefill = _server("prefill", model, tmp_path, role="kv_producer", core=0)
+    decode = start_server(
+        "decode", model, free_port(), block_size=BLOCK, log_dir=tmp_path, served_name="tiny",
+        extra_args=["--no-enable-prefix-caching"],
+        env={"VLLM_CPU_OMP_THREADS_BIND": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+        kv_config=kv_transfer_config("kv_consumer", kv_port=free_port(), policy="recompute",
+                                     extra={"fault_flip_byte_every": 1}))
+    try:
+        wait_healthy([prefill, decode], timeout_s=300)
+        want = _text(decode, PROMPTS["long"])["choices"][0]["text"]
+        d, delta = pd_exchange(prefill, decode, PROMPTS["long"])
+        assert d["choices"][0]["text"] == want
+        assert delta.get("local_compute", 0) == d["usage"]["prompt_tokens"], delta
+        log = decode.log_path.read_text(errors="replace")
+        assert "checksum mismatch" in log
+        assert "EngineDeadError" not in log and "block-level load failures" not in log
+        assert _text(decode, PROMPTS["short"])["choices"]
+    finally:
+        stop_all([prefill, decode])
