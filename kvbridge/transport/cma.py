@@ -187,8 +187,11 @@ class CmaTransport(Transport):
         sizes = np.diff(np.append(starts, len(local))).astype(np.uint64) * length
         lspans = np.stack([local[starts], sizes], axis=1)
         rspans = np.stack([remote[starts], sizes], axis=1)
-        return [(lspans[i:i + IOV_BATCH], rspans[i:i + IOV_BATCH])
-                for i in range(0, len(lspans), IOV_BATCH)]
+        per = IOV_BATCH
+        if int(sizes.sum()) >= PARALLEL_MIN_BYTES and THREADS > 1:
+            # A large read: one batch per thread, so the reads run in parallel.
+            per = max(1, min(IOV_BATCH, -(-len(lspans) // THREADS)))
+        return [(lspans[i:i + per], rspans[i:i + per]) for i in range(0, len(lspans), per)]
 
     def _close_backend(self) -> None:
         if self._pool is not None:
