@@ -65,6 +65,15 @@ class Producer:
         err = self.call("publish", rid, list(ids), lease_s)
         assert err is None, err
 
+    def wait_released(self, timeout: float = 10) -> list:
+        """The (request_id, reason) releases polled until the first arrive."""
+        deadline = time.monotonic() + timeout
+        released: list = []
+        while time.monotonic() < deadline and not released:
+            released = self.call("poll")
+            time.sleep(0.05)
+        return released
+
     def kill(self):
         if self.proc.is_alive():
             os.kill(self.proc.pid, signal.SIGKILL)
@@ -221,11 +230,7 @@ def test_layout_mismatch_refused_before_transfer(backend, producers, consumers, 
     assert m["pulls_served"] == 0
     # The refused request is handed back at once (issue 11): the producer frees
     # its blocks now, not at lease end, and the refused connection carried it.
-    deadline = time.monotonic() + 10
-    released = []
-    while time.monotonic() < deadline and not released:
-        released = prod.call("poll")
-        time.sleep(0.05)
+    released = prod.wait_released()
     assert released == [("m", "released")], released
     assert prod.call("metrics")["releases_received"] == 1
     assert cons.metrics()["handshakes_refused"] == 1
@@ -453,11 +458,7 @@ def test_mixed_tp_reads_each_ranks_heads(backend, producers, consumers, tp_prod,
                 assert bytes(got_view[lo].numpy()) == bytes(want_view[ro].numpy()), (r, lo)
         assert c.metrics()["checksum_failures"] == 0
     for p in prods:
-        deadline = time.monotonic() + 10
-        released = []
-        while time.monotonic() < deadline and not released:
-            released = p.call("poll")
-            time.sleep(0.05)
+        released = p.wait_released()
         assert released == [("req", "read")], released
 
 
@@ -498,11 +499,7 @@ def test_agent_pull_sharded_reads_one_replica_and_frees_the_others(producers):
         want = make_cache(NUM_BLOCKS, 11, **cache_kw)
         assert digest(agent.cache, [1, 2, 3]) == digest(want, [4, 5, 6])
         for p, reason in zip(prods, ("read", "released")):
-            deadline = time.monotonic() + 10
-            released = []
-            while time.monotonic() < deadline and not released:
-                released = p.call("poll")
-                time.sleep(0.05)
+            released = p.wait_released()
             assert released == [("mla", reason)], (p.address, released)
     finally:
         agent.close()

@@ -48,14 +48,15 @@ FIRST_ANSWER_S = 30
 
 
 def _server(name, model, tmp, *, tp=1, role="kv_both", transport="tcp", core=None,
-            extra=None):
+            policy="fail", kv_extra=None):
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1" if tp == 2 else str(core or 0),
            "OMP_WAIT_POLICY": "PASSIVE"}
     args = ["--no-enable-prefix-caching"] + (["--tensor-parallel-size", "2"] if tp == 2 else [])
     return start_server(name, model, free_port(), block_size=BLOCK, log_dir=tmp,
-                        served_name="tiny", extra_args=args + (extra or []), env=env,
-                        kv_config=kv_transfer_config(role, transport=transport,
-                                                     kv_port=free_port_block(tp)))
+                        served_name="tiny", extra_args=args, env=env,
+                        kv_config=kv_transfer_config(role, transport=transport, policy=policy,
+                                                     kv_port=free_port_block(tp),
+                                                     extra=kv_extra))
 
 
 def _text(server, prompt, max_tokens=MAX_TOKENS, params=None):
@@ -209,12 +210,8 @@ def test_tp2_to_tp1_a_corrupted_rank_read_is_never_garbage(tiny_model_dir, tmp_p
     vLLM recomputes from there (``recompute``), and the answer is still the
     colocated one - never half a request's KV taken as good."""
     prefill = _server("prefill", tiny_model_dir, tmp_path, tp=2, role="kv_producer")
-    decode = start_server(
-        "decode", tiny_model_dir, free_port(), block_size=BLOCK, log_dir=tmp_path,
-        served_name="tiny", extra_args=["--no-enable-prefix-caching"],
-        env={"VLLM_CPU_OMP_THREADS_BIND": "0", "OMP_WAIT_POLICY": "PASSIVE"},
-        kv_config=kv_transfer_config("kv_consumer", kv_port=free_port(), policy="recompute",
-                                     extra={"fault_flip_byte_every": 2}))
+    decode = _server("decode", tiny_model_dir, tmp_path, role="kv_consumer", core=0,
+                     policy="recompute", kv_extra={"fault_flip_byte_every": 2})
     try:
         wait_healthy([prefill, decode], timeout_s=420)
         want = _text(decode, PROMPTS["long"])["choices"][0]["text"]
@@ -237,12 +234,8 @@ def test_gemma3_failed_load_is_reported_by_request(tmp_path):
     right, and the engine keeps serving."""
     model = tiny_model.ensure(tiny_model.default_path(arch="gemma3"), arch="gemma3")
     prefill = _server("prefill", model, tmp_path, role="kv_producer", core=0)
-    decode = start_server(
-        "decode", model, free_port(), block_size=BLOCK, log_dir=tmp_path, served_name="tiny",
-        extra_args=["--no-enable-prefix-caching"],
-        env={"VLLM_CPU_OMP_THREADS_BIND": "1", "OMP_WAIT_POLICY": "PASSIVE"},
-        kv_config=kv_transfer_config("kv_consumer", kv_port=free_port(), policy="recompute",
-                                     extra={"fault_flip_byte_every": 1}))
+    decode = _server("decode", model, tmp_path, role="kv_consumer", core=1,
+                     policy="recompute", kv_extra={"fault_flip_byte_every": 1})
     try:
         wait_healthy([prefill, decode], timeout_s=300)
         want = _text(decode, PROMPTS["long"])["choices"][0]["text"]
