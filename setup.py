@@ -2,7 +2,7 @@
 """Build hook for kvbridge's native copy kernels.
 
 The kernels are plain shared libraries loaded with ctypes (see
-kvbridge/kernels.py), not torch extensions: the CPU build of torch refuses CUDA
+kvbridge/cache/kernels.py), not torch extensions: the CPU build of torch refuses CUDA
 ``cpp_extension`` builds, and a plain library works with any torch.
 
 * ``csrc/cpu/*.cpp``  -> ``kvbridge/_lib/libkvbridge_cpu.so`` with the system C++

@@ -2,16 +2,17 @@
 """kvbridge: KV-cache transfer for disaggregated LLM serving."""
 
 from kvbridge.agent import KVAgent, KVTicket
-from kvbridge.blocks import BlockIdError, PagedKVCache, StagingPool, validate_block_ids
-from kvbridge.layout import (
-    PROTOCOL_VERSION,
-    KVLayout,
+from kvbridge.cache.blocks import PagedKVCache, StagingPool, validate_block_ids
+from kvbridge.errors import (
+    BlockIdError,
+    ErrorCode,
+    KVBridgeError,
     LayoutMismatchError,
-    check_compatible,
-)
-
-from kvbridge.transport import (
     TransferError,
+)
+from kvbridge.layout import KVLayout, check_compatible
+from kvbridge.protocol import PROTOCOL_VERSION
+from kvbridge.transport import (
     TransferHandle,
     TransferState,
     TransportConfig,
@@ -20,6 +21,8 @@ from kvbridge.transport import (
 __all__ = [
     "KVAgent",
     "KVTicket",
+    "KVBridgeError",
+    "ErrorCode",
     "TransferError",
     "TransferHandle",
     "TransferState",

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from kvbridge.blocks import HostMirror, PagedKVCache
+from kvbridge.cache.blocks import HostMirror, PagedKVCache
 from kvbridge.layout import KVLayout
-from kvbridge.shard import plan_reads, unread_ranks
+from kvbridge.cache.shard import plan_reads, unread_ranks
 from kvbridge.transport import TransferHandle, Transport, TransportConfig, create_transport
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class KVAgent:
                      ) -> list[TransferHandle]:
         """Pull a request published by every rank of a tensor-parallel
         producer (``addresses[r]`` is its rank ``r``) into this rank's blocks,
-        whatever the two TP sizes: the pulls ``kvbridge.shard.plan_reads``
+        whatever the two TP sizes: the pulls ``kvbridge.cache.shard.plan_reads``
         gives (this rank's heads, from one rank or several), started at once
         so they run in parallel. Producer ranks no consumer rank needs (head
         replicas) are told to free the request now. The request is loaded when

@@ -21,7 +21,7 @@ import sys
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    from kvbridge import tiny_model
+    from kvbridge.demo import tiny_model
 
     out = tiny_model.build(args.out_dir, seed=args.seed, arch=args.arch)
     print(f"tiny {args.arch} model written to {out} "
@@ -62,19 +62,19 @@ def _cmd_bench_chaos(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from kvbridge import up
+    from kvbridge.serve import up
 
     return up.main(args)
 
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
-    from kvbridge import proxy
+    from kvbridge.serve import proxy
 
     return proxy.main(args)
 
 
 def _cmd_demo_blocks(args: argparse.Namespace) -> int:
-    from kvbridge.demo_blocks import main as demo
+    from kvbridge.demo.blocks import main as demo
 
     return demo(num_blocks=args.blocks, model_dir=args.model)
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "disaggregated LLM serving")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    from kvbridge.tiny_model import ARCHS
+    from kvbridge.demo.tiny_model import ARCHS
 
     t = sub.add_parser("tiny-model", help="build a tiny local model (" + ", ".join(ARCHS) + ")")
     t.add_argument("out_dir")
@@ -118,13 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     bc.set_defaults(func=_cmd_bench_chaos)
 
     pr = sub.add_parser("proxy", help="OpenAI-compatible prefill/decode router")
-    from kvbridge import proxy as proxy_mod
+    from kvbridge.serve import proxy as proxy_mod
 
     proxy_mod.add_arguments(pr)
     pr.set_defaults(func=_cmd_proxy)
 
     u = sub.add_parser("up", help="start prefill + decode + router, run demo requests")
-    from kvbridge import up as up_mod
+    from kvbridge.serve import up as up_mod
 
     up_mod.add_arguments(u)
     u.set_defaults(func=_cmd_up)

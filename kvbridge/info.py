@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 
-from kvbridge import kernels
+from kvbridge.cache import kernels
 
 
 def _version(dist: str) -> str | None:

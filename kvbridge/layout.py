@@ -9,7 +9,7 @@ for cheap comparison (e.g. by a router pairing instances).
 
 A layout is derivable from plain numbers and tensors (``KVLayout.from_tensors``,
 no vLLM import) or from a vLLM config plus the KV tensors vLLM registers
-(``kvbridge.vllm_layout.layout_from_vllm``).
+(``kvbridge.vllm.layout.layout_from_vllm``).
 
 Memory layouts use vLLM's names (``vllm/v1/kv_cache_layout.py``, RFC #42082):
 the logical per-layer shape is ``[B, H, N, C]`` - blocks, KV heads, tokens in
@@ -40,18 +40,13 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from kvbridge.errors import LayoutMismatchError
+# The layout descriptor travels in the handshake, so it carries the wire
+# protocol's version (its changelog: ``kvbridge.protocol``).
+from kvbridge.wire_version import PROTOCOL_VERSION
+
 if TYPE_CHECKING:
     import torch
-
-#: Version of kvbridge's wire protocol and of this descriptor. Bump on any
-#: change to the wire messages or to the meaning of a layout field.
-#:
-#: Changelog:
-#:   1 - first version: layout handshake, pull by block ids, HMAC auth.
-#:   2 - Release, checksums in PullGrant, producer instance ids.
-#:   3 - TP-sharded pulls (``Pull.slice``, ``Pull.readers``); MLA fields
-#:       (``kv_lora_rank``, ``rope_head_dim``) in the layout.
-PROTOCOL_VERSION = 3
 
 #: Block-contiguous memory layouts kvbridge knows by name.
 MEMORY_LAYOUTS = ("LBHNC", "LBNHC", "custom")
@@ -66,17 +61,6 @@ _DTYPE_SIZES = {
     "int8": 1,
     "uint8": 1,
 }
-
-
-class LayoutMismatchError(ValueError):
-    """Two KV layouts disagree; ``differences`` holds (field, local, remote),
-    ``why`` (if any) says why those differences cannot be bridged."""
-
-    def __init__(self, differences: Sequence[tuple[str, object, object]], why: str = ""):
-        self.differences = list(differences)
-        self.why = why
-        detail = "; ".join(f"{f}: local {lv}, remote {rv}" for f, lv, rv in self.differences)
-        super().__init__(f"KV layout mismatch: {detail}" + (f" ({why})" if why else ""))
 
 
 class KVLayout(msgspec.Struct, frozen=True, kw_only=True):
@@ -284,14 +268,14 @@ def check_compatible(local: KVLayout, remote: KVLayout) -> None:
 
 
 #: Fields that may differ between a producer rank and a consumer rank whose
-#: tensor parallelism differs: the plan in ``kvbridge.shard`` bridges them.
+#: tensor parallelism differs: the plan in ``kvbridge.cache.shard`` bridges them.
 TP_FIELDS = ("tp_size", "tp_rank", "kv_heads_per_rank", "block_bytes")
 
 
 def check_pairable(local: KVLayout, remote: KVLayout) -> None:
     """Raise ``LayoutMismatchError`` unless a rank of ``local`` can read KV from
     a rank of ``remote``: every field equal but the ``TP_FIELDS``, and those
-    bridged by a split of the KV heads (``kvbridge.shard``).
+    bridged by a split of the KV heads (``kvbridge.cache.shard``).
 
     Equal TP pairs rank r with rank r, whole blocks. Different TP sizes need a
     layout whose heads can be sliced out of a block (``LBHNC``: a contiguous

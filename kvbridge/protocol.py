@@ -35,7 +35,7 @@ refused request's blocks are freed now rather than at lease end. Anything but
 ``Release`` on a refused connection closes it.
 
 ``PullGrant.checksums`` holds one XXH3-64 digest per granted block (pull
-order; see ``kvbridge.checksum``), computed when the producer published the
+order; see ``kvbridge.cache.checksum``), computed when the producer published the
 request; the consumer verifies the bytes it landed before it reports the pull
 done. Empty when the producer does not checksum.
 
@@ -47,14 +47,14 @@ as the request finishes rather than at the worker's next engine step.
 The server sends nothing about itself (not even its layout) before the
 client's MAC verifies, so a peer without the shared secret learns nothing.
 
-Changelog (``kvbridge.layout.PROTOCOL_VERSION``):
+Changelog (``PROTOCOL_VERSION``, defined in ``kvbridge.wire_version``):
     1 - first version.
     2 - ``Release``; a layout-refused connection stays open for ``Release``;
         ``PullGrant.checksums``; ``HandshakeAccept.info["instance"]`` (the
         producer process's identity, so requests of a restarted producer fail
         at once).
     3 - TP-sharded pulls: ``Pull.slice`` (read only these bytes of each
-        block: ``kvbridge.shard.BlockSlice``), ``Pull.readers`` (consumer
+        block: ``kvbridge.cache.shard.BlockSlice``), ``Pull.readers`` (consumer
         ranks that read this request here: the producer keeps the blocks
         until all of them have); the handshake pairs layouts of different TP
         sizes (``check_pairable``); MLA fields in the layout.
@@ -70,7 +70,9 @@ import struct
 
 import msgspec
 
-from kvbridge.layout import PROTOCOL_VERSION, KVLayout
+from kvbridge.errors import PeerClosed, PeerRefusedError, ProtocolError
+from kvbridge.layout import KVLayout
+from kvbridge.wire_version import PROTOCOL_VERSION
 
 MAGIC = b"KB"
 KIND_MSG = 1
@@ -80,14 +82,6 @@ HEADER = struct.Struct("!2sBI")
 MAX_MESSAGE_BYTES = 4 << 20
 #: Environment variable holding the shared secret when the config has none.
 SECRET_ENV = "KVBRIDGE_SECRET"
-
-
-class ProtocolError(Exception):
-    """The peer sent something this side cannot accept; the connection closes."""
-
-
-class PeerClosed(ConnectionError):
-    """The peer closed the connection (cleanly or mid-frame)."""
 
 
 # -- messages -----------------------------------------------------------------
@@ -281,12 +275,8 @@ def client_handshake(sock: socket.socket, layout: KVLayout, backend: str,
     return reply
 
 
-class PeerRefused(Exception):
-    """The producer answered the handshake with an ``Error``."""
-
-    def __init__(self, error: Error):
-        super().__init__(f"producer refused ({error.code}): {error.message}")
-        self.error = error
+#: Kept under its old name: the handshake refusal is ``errors.PeerRefusedError``.
+PeerRefused = PeerRefusedError
 
 
 # -- authentication -------------------------------------------------------------

@@ -48,7 +48,7 @@ fi
 log "installing kvbridge from $ROOT (builds csrc/)"
 "$VENV/bin/pip" install --disable-pip-version-check -q --no-deps --no-build-isolation -e "$ROOT"
 "$VENV/bin/python" - <<'PY'
-import kvbridge.kernels as k
+import kvbridge.cache.kernels as k
 print(f"[setup] kvbridge ready: copy path {k.active_path()}, "
       f"cuda kernel built: {k.cuda_kernel_built()}")
 PY

@@ -17,7 +17,7 @@ HELPERS = Path(__file__).parent / "helpers"
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The tiny Llama, built once into the cache (keyed by the recipe's hash)."""
-    from kvbridge import tiny_model
+    from kvbridge.demo import tiny_model
 
     return tiny_model.ensure(tiny_model.default_path())
 

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbridge import kernels
-from kvbridge.blocks import BlockIdError, PagedKVCache, StagingPool
+from kvbridge.cache import kernels
+from kvbridge.cache.blocks import BlockIdError, PagedKVCache, StagingPool
 from kvbridge.layout import KVLayout
 
 PATHS = ["torch"] + (["cpu_kernel"] if kernels.cpu_kernel_available() else [])

@@ -3,7 +3,7 @@
 
 import random
 
-from kvbridge.demo_blocks import run_pair
+from kvbridge.demo.blocks import run_pair
 
 
 def test_round_trip_between_two_processes():

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers.transport_peer import make_cache
-from kvbridge import checksum
+from kvbridge.cache import checksum
 
 CACHE = make_cache(48, seed=3, layers=3)
 

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from kvbridge import kernels
+from kvbridge.cache import kernels
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -110,7 +110,7 @@ def test_cuda_copy_blocks_device_to_pinned_host_and_back(block_bytes, num_blocks
 def test_host_mirror_of_a_kv_split_gpu_cache_is_byte_exact():
     """vLLM's GPU layout [2, num_blocks, block_size, heads, head]: the mirror
     copy matches torch indexing both ways, one kernel launch per direction."""
-    from kvbridge.blocks import HostMirror
+    from kvbridge.cache.blocks import HostMirror
 
     device = {f"layers.{i}": torch.randn(2, 32, 16, 4, 64, device="cuda",
                                          dtype=torch.bfloat16) for i in range(4)}
@@ -237,12 +237,12 @@ def test_emulated_cuda_kernel_refuses_bad_arguments(grid_emu):
 @needs_gpu
 @pytest.mark.parametrize("memory_layout", ["LBHNC", "LBNHC"])
 def test_cuda_tp_slices_gather_and_scatter_byte_exact(memory_layout):
-    """A TP shard's heads (``kvbridge.shard``) gathered from a device cache and
+    """A TP shard's heads (``kvbridge.cache.shard``) gathered from a device cache and
     scattered into another one's slices go through the CUDA kernel and equal
     the same copies on the CPU."""
-    from kvbridge.blocks import PagedKVCache
+    from kvbridge.cache.blocks import PagedKVCache
     from kvbridge.layout import KVLayout
-    from kvbridge.shard import plan_reads
+    from kvbridge.cache.shard import plan_reads
 
     def cache(device, tp, rank, seed):
         shape = (32, 2 // tp, 16, 64) if memory_layout == "LBHNC" else (32, 16, 2 // tp, 64)
@@ -269,7 +269,7 @@ def test_cuda_tp_slices_gather_and_scatter_byte_exact(memory_layout):
     for gpu_rank, cpu_rank in zip(results["cuda"], results["cpu"]):
         for g, c in zip(gpu_rank, cpu_rank):
             assert torch.equal(g.view(torch.uint8), c.view(torch.uint8))
-    # And the CPU result is the heads each rank holds (kvbridge.shard).
+    # And the CPU result is the heads each rank holds (kvbridge.cache.shard).
     src = cache("cpu", 1, 0, seed=5)
     head_dim = 1 if memory_layout == "LBHNC" else 2
     for rank, regions in enumerate(results["cpu"]):

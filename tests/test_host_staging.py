@@ -17,9 +17,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbridge import kernels
+from kvbridge.cache import kernels
 from kvbridge.agent import KVAgent
-from kvbridge.blocks import HostMirror, PagedKVCache, copy_kv_blocks, kv_block_regions
+from kvbridge.cache.blocks import HostMirror, PagedKVCache, copy_kv_blocks, kv_block_regions
 from kvbridge.layout import KVLayout
 from kvbridge.transport import TransferState, TransportConfig
 

@@ -4,7 +4,7 @@
 import pytest
 
 from kvbridge.layout import KVLayout, LayoutMismatchError, check_pairable
-from kvbridge.shard import BlockSlice, paired_slices, plan_reads, rank_heads, unread_ranks
+from kvbridge.cache.shard import BlockSlice, paired_slices, plan_reads, rank_heads, unread_ranks
 
 
 def layout(tp, rank, heads=4, memory_layout="LBHNC", block_size=32, head_size=16, **kw):

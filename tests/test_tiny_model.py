@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import HELPERS
-from kvbridge import tiny_model
+from kvbridge.demo import tiny_model
 from kvbridge.layout import KVLayout
 
 PROMPTS = ["Return a new list of the items in the sequence",

@@ -428,7 +428,7 @@ def test_mixed_tp_reads_each_ranks_heads(backend, producers, consumers, tp_prod,
     rank pulls what ``plan_reads`` says and ends up with exactly the heads it
     holds at its TP size; every producer rank frees the request only after
     all of its readers have read."""
-    from kvbridge.shard import plan_reads, unread_ranks
+    from kvbridge.cache.shard import plan_reads, unread_ranks
 
     heads = 4
     cache_kw = dict(kv_heads=heads, memory_layout=memory_layout)
@@ -463,7 +463,7 @@ def test_mixed_tp_reads_each_ranks_heads(backend, producers, consumers, tp_prod,
 
 
 def test_a_slice_that_does_not_fit_fails_clearly(backend, producers, consumers):
-    from kvbridge.shard import BlockSlice
+    from kvbridge.cache.shard import BlockSlice
 
     prod = producers(backend, cache_kw=dict(kv_heads=4))
     prod.publish("req", [1, 2])

@@ -10,7 +10,7 @@ import time
 from test_transport import NUM_BLOCKS, backend, consumers, producers  # noqa: F401 - fixtures
 
 from helpers.transport_peer import digest
-from kvbridge.launch import free_port
+from kvbridge.serve.launch import free_port
 from kvbridge.transport import TransferState
 
 

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from conftest import HELPERS
-from kvbridge.layout import PROTOCOL_VERSION
+from kvbridge.protocol import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.vllm
 

@@ -28,7 +28,7 @@ import time
 import httpx
 import pytest
 
-from kvbridge.launch import free_port, kv_transfer_config, start_server, stop_all, wait_healthy
+from kvbridge.serve.launch import free_port, kv_transfer_config, start_server, stop_all, wait_healthy
 
 pytestmark = pytest.mark.vllm
 

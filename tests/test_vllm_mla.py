@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from kvbridge import tiny_model
+from kvbridge.demo import tiny_model
 from test_vllm_connector import Engine
 
 pytestmark = pytest.mark.vllm

@@ -17,8 +17,8 @@ import re
 import httpx
 import pytest
 
-from kvbridge.launch import free_port, kv_transfer_config, start_server, stop_all, wait_healthy
-from kvbridge.layout import PROTOCOL_VERSION
+from kvbridge.serve.launch import free_port, kv_transfer_config, start_server, stop_all, wait_healthy
+from kvbridge.protocol import PROTOCOL_VERSION
 
 pytestmark = pytest.mark.vllm
 

@@ -22,8 +22,8 @@ import httpx
 import pytest
 import test_vllm_servers as S
 
-from kvbridge import tiny_model
-from kvbridge.launch import (
+from kvbridge.demo import tiny_model
+from kvbridge.serve.launch import (
     free_port,
     free_port_block,
     kv_transfer_config,

@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 from kvbridge.bench.common import Progress, results_dir, table, write_results  # noqa: E402
-from kvbridge.launch import (  # noqa: E402
+from kvbridge.serve.launch import (  # noqa: E402
     VllmServer,
     free_port,
     kv_transfer_config,
@@ -1022,7 +1022,7 @@ def main(argv=None) -> int:
         " " + shlex.join(sys.argv[1:] if argv is None else argv) if (
             sys.argv[1:] if argv is None else argv) else "")
 
-    from kvbridge import tiny_model
+    from kvbridge.demo import tiny_model
 
     model = str(tiny_model.ensure(tiny_model.default_path()))
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]

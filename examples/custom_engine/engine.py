@@ -9,7 +9,7 @@ pieces an engine needs for kvbridge to move its KV cache:
 * a free-block list and a block table per request;
 * ``kv_layout()`` describing those tensors to kvbridge with plain numbers.
 
-The model is the tiny Llama of ``kvbridge.tiny_model`` (or any Llama of that
+The model is the tiny Llama of ``kvbridge.demo.tiny_model`` (or any Llama of that
 shape family): weights come from ``model.safetensors`` + ``config.json`` and
 are cast to float32, and every computation runs in float32. Decoding is greedy,
 so two engines holding the same KV bytes produce bit-identical continuations -

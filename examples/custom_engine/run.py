@@ -212,7 +212,7 @@ def run(transport: str = "tcp", prompt: str = DEFAULT_PROMPT, tokens: int = 16, 
     import torch
 
     from engine import PagedEngine
-    from kvbridge import tiny_model
+    from kvbridge.demo import tiny_model
 
     if tokens < 1:
         raise ValueError("tokens must be >= 1")

@@ -17,9 +17,9 @@ import random
 
 import torch
 
-from kvbridge import kernels
+from kvbridge.cache import kernels
 from kvbridge.bench.common import Progress, fmt_bytes, table, time_it, write_results
-from kvbridge.blocks import PagedKVCache
+from kvbridge.cache.blocks import PagedKVCache
 from kvbridge.layout import KVLayout
 
 #: name -> (kv_heads, block_size, head_size); vLLM CPU layout, bf16, 2 layers.

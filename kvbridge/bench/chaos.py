@@ -60,7 +60,7 @@ from kvbridge.bench import chaos_report
 from kvbridge.bench.chaos_faults import FLIP_KEY, Faults
 from kvbridge.bench.chaos_load import Load, Normalizer, load_requests, probe_requests, send
 from kvbridge.bench.chaos_stack import Stack, scrape
-from kvbridge.launch import free_port, start_server
+from kvbridge.serve.launch import free_port, start_server
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="CI size: 200 requests at "
@@ -120,7 +120,7 @@ def make_plan(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "fuzz", False):
         return run_fuzz(args)
-    from kvbridge import tiny_model
+    from kvbridge.demo import tiny_model
 
     plan = make_plan(args)
     model = str(tiny_model.ensure(tiny_model.default_path()))
@@ -217,7 +217,7 @@ class Chaos(Faults):
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
         plan, stack = self.plan, self.stack
-        from kvbridge import tiny_model
+        from kvbridge.demo import tiny_model
 
         corpus = self.corpus = tiny_model.corpus_text()
         cores = plan["cores"]
@@ -237,7 +237,7 @@ class Chaos(Faults):
         stack.start(self.decode)
         for inst in (self.prefill, self.decode):
             stack.wait_up(inst)
-        from kvbridge.launch import wait_healthy
+        from kvbridge.serve.launch import wait_healthy
 
         wait_healthy([ref])
         self.say("servers up; reference answers (one prompt at a time)")

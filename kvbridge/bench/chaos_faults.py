@@ -35,7 +35,7 @@ class Faults:
 
     def _aim_prefill(self, ev: dict) -> list[Req]:
         """The prefill step of this fault's aimed requests, on the producer."""
-        from kvbridge.proxy.app import PREFILL_KV_PARAMS
+        from kvbridge.serve.proxy.app import PREFILL_KV_PARAMS
 
         tag = len(self.faults)
         reqs = aimed_requests(tag, self.plan["aimed_per_fault"], self.corpus)

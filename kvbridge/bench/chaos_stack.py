@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from kvbridge.launch import (
+from kvbridge.serve.launch import (
     VllmServer,
     free_port,
     kv_transfer_config,

@@ -185,7 +185,7 @@ def make_cache(shape: str, num_blocks: int, seed: int | None):
     None (still written, so first-touch page faults happen here, not in a pull)."""
     import torch
 
-    from kvbridge.blocks import PagedKVCache
+    from kvbridge.cache.blocks import PagedKVCache
     from kvbridge.layout import KVLayout
 
     heads, block_size, head_size = BLOCK_SHAPES[shape]

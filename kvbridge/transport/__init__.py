@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from kvbridge.blocks import PagedKVCache
+from kvbridge.cache.blocks import PagedKVCache
 from kvbridge.transport.base import (
     LeaseTable,
     TransferError,

@@ -44,11 +44,12 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from kvbridge import checksum
+from kvbridge.cache import checksum
 from kvbridge import protocol as P
-from kvbridge.blocks import BlockIdError, PagedKVCache
+from kvbridge.cache.blocks import BlockIdError, PagedKVCache
+from kvbridge.errors import ErrorCode, TransferError, UnknownRequestError
 from kvbridge.layout import KVLayout, LayoutMismatchError, check_pairable, layout_differences
-from kvbridge.shard import BlockSlice
+from kvbridge.cache.shard import BlockSlice
 
 logger = logging.getLogger("kvbridge.transport")
 
@@ -85,7 +86,7 @@ class TransportConfig(msgspec.Struct, kw_only=True):
             a request (through the router) a moment before the producer's
             engine step publishes it.
         checksum: end-to-end KV checksums [True]: the producer digests each
-            block when it publishes (``kvbridge.checksum``), the consumer
+            block when it publishes (``kvbridge.cache.checksum``), the consumer
             verifies the blocks it landed before the pull is DONE; a mismatch
             fails the pull (a load error for the engine). Host memory only.
         fault_flip_byte_every: fault injection for tests and ``bench chaos``
@@ -130,10 +131,6 @@ def _pairing_error(local: KVLayout, remote: KVLayout) -> LayoutMismatchError:
     return LayoutMismatchError(layout_differences(local, remote))
 
 
-class TransferError(RuntimeError):
-    """A pull failed; ``reason`` says why."""
-
-
 class TransferHandle:
     """A pull in progress: pollable (``state``), waitable and awaitable.
 
@@ -151,7 +148,7 @@ class TransferHandle:
         self.local_ids = local_ids
         self.nbytes = nbytes
         #: the part of each remote block read, and of each local block written
-        #: (a TP shard's heads, ``kvbridge.shard``); None: whole blocks
+        #: (a TP shard's heads, ``kvbridge.cache.shard``); None: whole blocks
         self.remote_slice = remote_slice
         self.local_slice = local_slice
         #: consumer ranks reading this request from this producer
@@ -243,17 +240,8 @@ class _Lease:
     #: slice), and those done
     reads_expected: int = 1
     reads_done: int = 0
-    #: block id -> digest (``kvbridge.checksum``), None when not checksummed
+    #: block id -> digest (``kvbridge.cache.checksum``), None when not checksummed
     digests: dict[int, int] | None = None
-
-
-class UnknownRequestError(KeyError):
-    """A read of a request the producer does not hold; ``code`` says whether
-    it may still be published (``"not_published"``) or is gone (``"ended"``)."""
-
-    def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.code = code
 
 
 class LeaseTable:
@@ -803,7 +791,7 @@ class Transport:
         by (its ``instance_id``, carried in the ticket); if another process
         now serves that address (a restart), the pull fails at once.
 
-        Tensor parallelism (``kvbridge.shard.plan_reads`` gives all three):
+        Tensor parallelism (``kvbridge.cache.shard.plan_reads`` gives all three):
         ``remote_slice`` reads only those bytes of each remote block,
         ``local_slice`` writes only those bytes of each local block, and
         ``readers`` tells the producer how many consumer ranks read this

@@ -27,8 +27,8 @@ import os
 import numpy as np
 
 from kvbridge import protocol as P
-from kvbridge.blocks import run_starts
-from kvbridge.shard import BlockSlice, paired_slices
+from kvbridge.cache.blocks import run_starts
+from kvbridge.cache.shard import BlockSlice, paired_slices
 from kvbridge.transport.base import PeerConnection, ServerConn, TransferHandle, Transport
 
 _libc = ctypes.CDLL(None, use_errno=True)

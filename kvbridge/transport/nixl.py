@@ -65,8 +65,8 @@ from typing import Any
 import numpy as np
 
 from kvbridge import protocol as P
-from kvbridge.blocks import run_starts
-from kvbridge.shard import BlockSlice, paired_slices
+from kvbridge.cache.blocks import run_starts
+from kvbridge.cache.shard import BlockSlice, paired_slices
 from kvbridge.transport.base import PeerConnection, ServerConn, TransferHandle, Transport
 
 # Must be set before UCX loads, i.e. before nixl is imported.

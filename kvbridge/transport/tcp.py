@@ -15,9 +15,9 @@ import socket
 import time
 from collections.abc import Callable
 
-from kvbridge import checksum
+from kvbridge.cache import checksum
 from kvbridge import protocol as P
-from kvbridge.shard import BlockSlice
+from kvbridge.cache.shard import BlockSlice
 from kvbridge.transport.base import PeerConnection, ServerConn, TransferHandle, Transport
 
 #: Most buffers one sendmsg/recvmsg_into call takes (Linux IOV_MAX).

@@ -48,9 +48,9 @@ from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
 
-from kvbridge import kernels
+from kvbridge.cache import kernels
 from kvbridge.agent import KVAgent
-from kvbridge.blocks import HostMirror, PagedKVCache
+from kvbridge.cache.blocks import HostMirror, PagedKVCache
 from kvbridge.transport import TransferHandle, TransferState
 from kvbridge.vllm.config import KVBridgeConfig
 from kvbridge.vllm.metadata import (
@@ -60,7 +60,7 @@ from kvbridge.vllm.metadata import (
     RecvSpec,
 )
 from kvbridge.vllm.stats import KVBridgeKVConnectorStats
-from kvbridge.vllm_layout import (
+from kvbridge.vllm.layout import (
     distinct_layer_names,
     layout_from_vllm,
     ordered_kv_regions,
@@ -259,7 +259,7 @@ class KVBridgeWorker:
         self._loads[req_id] = load
         try:
             # This rank's heads from whichever producer ranks hold them (any
-            # two TP sizes; kvbridge.shard), all pulls at once.
+            # two TP sizes; kvbridge.cache.shard), all pulls at once.
             load.peers = self.agent.producer_ranks(spec.addresses)
             load.handles = self.agent.pull_sharded(spec.addresses, spec.remote_request_id,
                                                    spec.remote_block_ids, spec.local_block_ids,

@@ -23,14 +23,14 @@ def make_cache(num_blocks: int, seed: int | None, *, block_size: int = 32, kv_he
     """A paged cache of random bytes (``seed``) or zeros (``seed`` None).
 
     With ``tp_size`` > 1 it is rank ``tp_rank``'s shard of the cache the same
-    seed gives at TP 1: its heads (``kvbridge.shard.rank_heads``) of every
+    seed gives at TP 1: its heads (``kvbridge.cache.shard.rank_heads``) of every
     block, so shards of two TP sizes can be compared byte for byte.
     """
     import torch
 
-    from kvbridge.blocks import PagedKVCache
+    from kvbridge.cache.blocks import PagedKVCache
     from kvbridge.layout import KVLayout
-    from kvbridge.shard import rank_heads
+    from kvbridge.cache.shard import rank_heads
 
     tdtype = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None

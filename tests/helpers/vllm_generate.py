@@ -18,7 +18,7 @@ Prints on the last line::
      "groups": [{"spec", "layers", "block_size", "sliding_window"}],
      "block_size": int, "engine_start_s": float}
 
-``layout`` comes from ``kvbridge.vllm_layout.layout_from_vllm``; where that
+``layout`` comes from ``kvbridge.vllm.layout.layout_from_vllm``; where that
 refuses the engine's caches (hybrid models) it is null and ``layout_error``
 says why.
 """
@@ -44,7 +44,7 @@ def _backend_name(layer) -> str:
 
 def _worker_info(worker):
     """Runs inside the worker: KV tensors, cache groups and kvbridge's layout."""
-    from kvbridge.vllm_layout import layout_from_vllm, ordered_layer_names
+    from kvbridge.vllm.layout import layout_from_vllm, ordered_layer_names
 
     runner = worker.model_runner
     ctx = runner.compilation_config.static_forward_context

@@ -65,7 +65,7 @@ def kv_digests(worker, block_ids: list[int]) -> list[str]:
 
     import torch
 
-    from kvbridge.vllm_layout import ordered_layer_names
+    from kvbridge.vllm.layout import ordered_layer_names
 
     ctx = worker.model_runner.compilation_config.static_forward_context
     kv = {name: layer.kv_cache for name, layer in ctx.items()

@@ -11,7 +11,7 @@
 
 Both validate block ids before touching memory (range, duplicates, count), so
 a bad request writes nothing. The copy itself goes through
-``kvbridge.kernels`` which uses the compiled csrc kernel when it is built and
+``kvbridge.cache.kernels`` which uses the compiled csrc kernel when it is built and
 torch ops otherwise.
 
 Blocks are copied whole. For a sequence of ``num_tokens`` the last block is
@@ -29,13 +29,10 @@ from collections.abc import Sequence
 
 import torch
 
-from kvbridge import kernels
+from kvbridge.cache import kernels
+from kvbridge.errors import BlockIdError
 from kvbridge.layout import KVLayout, dtype_name
-from kvbridge.shard import BlockSlice
-
-
-class BlockIdError(ValueError):
-    """Block ids that cannot be used: out of range, duplicated or miscounted."""
+from kvbridge.cache.shard import BlockSlice
 
 
 def validate_block_ids(
@@ -210,7 +207,7 @@ class PagedKVCache:
         per_block = block_slice.nbytes() if block_slice is not None else self.layout.block_bytes
         return num_blocks * self.layout.num_regions * per_block
 
-    # -- slices of blocks (TP-sharded pulls, see kvbridge.shard) --
+    # -- slices of blocks (TP-sharded pulls, see kvbridge.cache.shard) --
     def _slice_views(self, sl: BlockSlice) -> tuple[list[torch.Tensor], int]:
         """uint8 views ``[rows_total, sl.length]`` of every region, one row per
         run of the slice, and the rows one block stride spans: run ``k`` of

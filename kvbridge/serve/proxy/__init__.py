@@ -11,7 +11,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from kvbridge.proxy.backends import PICKERS, BackendPool, LayoutPairingError
+from kvbridge.serve.proxy.backends import PICKERS, BackendPool, LayoutPairingError
 
 __all__ = ["add_arguments", "main", "preflight"]
 
@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     except LayoutPairingError as e:
         print(f"kvbridge proxy: {e}", file=sys.stderr)
         return 2
-    from kvbridge.proxy.app import create_app
+    from kvbridge.serve.proxy.app import create_app
 
     app = create_app(args.prefill, args.decode, policy=args.policy,
                      health_interval_s=args.health_interval)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-_LIB_DIR = Path(__file__).resolve().parent / "_lib"
+_LIB_DIR = Path(__file__).resolve().parents[1] / "_lib"
 CPU_LIB_NAME = "libkvbridge_cpu.so"
 CUDA_LIB_NAME = "libkvbridge_cuda.so"
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from kvbridge.blocks import PagedKVCache
+from kvbridge.cache.blocks import PagedKVCache
 from kvbridge.layout import KVLayout
 
 _HDR = struct.Struct("!Q")
@@ -131,7 +131,7 @@ def run_pair(src_ids: list[int], dst_ids: list[int], num_blocks: int, seed: int 
 def main(num_blocks: int = 64, model_dir: str | None = None) -> int:
     import random
 
-    from kvbridge import tiny_model
+    from kvbridge.demo import tiny_model
 
     path = tiny_model.ensure(model_dir or tiny_model.default_path())
     print(f"tiny model: {path}")

@@ -28,10 +28,10 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from kvbridge.proxy.backends import PICKERS, Backend, BackendPool
-from kvbridge.proxy.metrics import ProxyMetrics
+from kvbridge.serve.proxy.backends import PICKERS, Backend, BackendPool
+from kvbridge.serve.proxy.metrics import ProxyMetrics
 
-logger = logging.getLogger("kvbridge.proxy")
+logger = logging.getLogger("kvbridge.serve.proxy")
 
 #: Fields vLLM's toy proxy sets on the prefill request (NixlConnector's
 #: contract); KVBridgeConnector reads ``do_remote_decode``.

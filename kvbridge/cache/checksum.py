@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 import xxhash
 
 if TYPE_CHECKING:
-    from kvbridge.blocks import PagedKVCache
-    from kvbridge.shard import BlockSlice
+    from kvbridge.cache.blocks import PagedKVCache
+    from kvbridge.cache.shard import BlockSlice
 
 _digest = xxhash.xxh3_64_intdigest
 

@@ -22,7 +22,7 @@ import httpx
 
 from kvbridge.layout import KVLayout, LayoutMismatchError, check_pairable, layout_differences
 
-logger = logging.getLogger("kvbridge.proxy")
+logger = logging.getLogger("kvbridge.serve.proxy")
 
 
 @dataclass

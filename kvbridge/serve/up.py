@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvbridge.launch import (
+from kvbridge.serve.launch import (
     VllmServer,
     kv_transfer_config,
     start_server,
@@ -251,7 +251,7 @@ def print_results(results: list[dict]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from kvbridge import tiny_model
+    from kvbridge.demo import tiny_model
 
     model = args.model
     if model is None:

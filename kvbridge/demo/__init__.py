@@ -1,0 +1,2 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Demo tooling: tiny local models and the cross-process block demo."""
