@@ -79,65 +79,91 @@ def _cmd_demo_blocks(args: argparse.Namespace) -> int:
     return demo(num_blocks=args.blocks, model_dir=args.model)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvbridge", description="KV-cache transfer for "
-                                "disaggregated LLM serving")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
+def _tiny_model_arguments(t: argparse.ArgumentParser) -> None:
     from kvbridge.demo.tiny_model import ARCHS
 
-    t = sub.add_parser("tiny-model", help="build a tiny local model (" + ", ".join(ARCHS) + ")")
     t.add_argument("out_dir")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--arch", choices=ARCHS, default=ARCHS[0],
                    help="model architecture: llama (default; GQA), qwen3 (q/k norm), "
                         "gemma3 (sliding-window + full attention layers: two KV cache "
                         "groups), deepseek_v2 (MLA: one 576-wide latent per token)")
-    t.set_defaults(func=_cmd_tiny_model)
 
-    i = sub.add_parser("info", help="kernels, transports and versions")
+
+def _info_arguments(i: argparse.ArgumentParser) -> None:
     i.add_argument("--json", action="store_true", help="print JSON")
-    i.set_defaults(func=_cmd_info)
 
-    b = sub.add_parser("bench", help="benchmarks (results go to benchmarks/results/)")
-    bsub = b.add_subparsers(dest="what", required=True)
-    bb = bsub.add_parser("blocks", help="gather/scatter vs memcpy")
+
+def _bench_blocks_arguments(bb: argparse.ArgumentParser) -> None:
     bb.add_argument("--quick", action="store_true", help="a subset that runs in under 30 s")
     bb.add_argument("--json", metavar="PATH", help="also write the results here")
-    bb.set_defaults(func=_cmd_bench_blocks)
-    bt = bsub.add_parser("transport", help="transports between two processes")
-    from kvbridge.bench import transport as bench_transport
 
-    bench_transport.add_arguments(bt)
-    bt.set_defaults(func=_cmd_bench_transport)
-    bc = bsub.add_parser("chaos", help="P/D servers behind kvbridge proxy under load while "
-                         "faults are injected (--fuzz: the protocol fuzzer)")
-    from kvbridge.bench import chaos as bench_chaos
 
-    bench_chaos.add_arguments(bc)
-    bc.set_defaults(func=_cmd_bench_chaos)
+def _delegate(module: str):
+    """Arguments defined by the subcommand's own module, imported only when
+    that subcommand is the one being run (or asked for its --help)."""
+    def add(parser: argparse.ArgumentParser) -> None:
+        import importlib
 
-    pr = sub.add_parser("proxy", help="OpenAI-compatible prefill/decode router")
-    from kvbridge.serve import proxy as proxy_mod
+        importlib.import_module(module).add_arguments(parser)
+    return add
 
-    proxy_mod.add_arguments(pr)
-    pr.set_defaults(func=_cmd_proxy)
 
-    u = sub.add_parser("up", help="start prefill + decode + router, run demo requests")
-    from kvbridge.serve import up as up_mod
-
-    up_mod.add_arguments(u)
-    u.set_defaults(func=_cmd_up)
-
-    d = sub.add_parser("demo-blocks", help="export blocks in one process, import in another")
+def _demo_blocks_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--blocks", type=int, default=64)
     d.add_argument("--model", default=None, help="tiny model dir (built if missing)")
-    d.set_defaults(func=_cmd_demo_blocks)
+
+
+#: name -> (help, adds the subcommand's arguments, runs it). The arguments of
+#: a subcommand are built only when it is named on the command line, so
+#: ``kvbridge --help`` imports none of the proxy, benchmark or vLLM modules.
+COMMANDS = {
+    "tiny-model": ("build a tiny local model (llama, qwen3, gemma3, deepseek_v2)",
+                   _tiny_model_arguments, _cmd_tiny_model),
+    "info": ("kernels, transports and versions", _info_arguments, _cmd_info),
+    "proxy": ("OpenAI-compatible prefill/decode router", _delegate("kvbridge.serve.proxy"),
+              _cmd_proxy),
+    "up": ("start prefill + decode + router, run demo requests", _delegate("kvbridge.serve.up"),
+           _cmd_up),
+    "demo-blocks": ("export blocks in one process, import in another", _demo_blocks_arguments,
+                    _cmd_demo_blocks),
+}
+BENCH_COMMANDS = {
+    "blocks": ("gather/scatter vs memcpy", _bench_blocks_arguments, _cmd_bench_blocks),
+    "transport": ("transports between two processes", _delegate("kvbridge.bench.transport"),
+                  _cmd_bench_transport),
+    "chaos": ("P/D servers behind kvbridge proxy under load while faults are injected "
+              "(--fuzz: the protocol fuzzer)", _delegate("kvbridge.bench.chaos"),
+              _cmd_bench_chaos),
+}
+
+
+def _add_commands(sub, commands: dict, chosen: str | None) -> None:
+    for name, (help_text, add_arguments, run) in commands.items():
+        parser = sub.add_parser(name, help=help_text)
+        parser.set_defaults(func=run)
+        if chosen is None or name == chosen:
+            add_arguments(parser)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: every subcommand is listed, only the one that
+    ``argv`` names gets its arguments built (``argv=None``: all of them)."""
+    words = None if argv is None else [a for a in argv if not a.startswith("-")] + ["", ""]
+    p = argparse.ArgumentParser(prog="kvbridge", description="KV-cache transfer for "
+                                "disaggregated LLM serving")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _add_commands(sub, COMMANDS, None if words is None else words[0])
+    b = sub.add_parser("bench", help="benchmarks (results go to benchmarks/results/)")
+    bsub = b.add_subparsers(dest="what", required=True)
+    _add_commands(bsub, BENCH_COMMANDS,
+                  None if words is None else (words[1] if words[0] == "bench" else ""))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

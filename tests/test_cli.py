@@ -68,3 +68,21 @@ def test_bench_transport_small_run_verifies_every_byte(tmp_path):
     assert all(r["gbps"] > 0 and r["latency_us"] > 0 for r in rows)
     assert all(r["handshake_ms"] > 0 for r in rows if r["backend"] in ("tcp", "cma"))
     assert "handshake (connect, authenticate, compare layouts" in proc.stdout
+
+
+def test_help_imports_no_subcommand_module():
+    """``kvbridge --help`` lists every subcommand without importing the proxy,
+    the benchmarks, torch or vLLM; a subcommand's --help builds its arguments."""
+    probe = ("import sys\nfrom kvbridge import cli\n"
+             "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('kvbridge', 'torch', 'httpx', 'vllm', 'fastapi', 'msgspec', 'numpy')))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "bench" in proc.stdout and "proxy" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "['kvbridge', 'kvbridge.cli']"
+    proc = run("bench", "transport", "--help")
+    assert proc.returncode == 0 and "--baselines" in proc.stdout
+    proc = run("proxy", "--help")
+    assert proc.returncode == 0 and "--prefill" in proc.stdout
