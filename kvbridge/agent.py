@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from kvbridge.cache.blocks import HostMirror, PagedKVCache
+from kvbridge.cache.blocks import PagedKVCache
+from kvbridge.cache.mirror import HostMirror
 from kvbridge.layout import KVLayout
 from kvbridge.cache.shard import plan_reads, unread_ranks
 from kvbridge.transport import TransferHandle, Transport, TransportConfig, create_transport

@@ -87,18 +87,26 @@ SECRET_ENV = "KVBRIDGE_SECRET"
 # -- messages -----------------------------------------------------------------
 
 class Hello(msgspec.Struct, tag=True):
+    """Consumer -> producer, first: the version it speaks and its nonce."""
+
     protocol_version: int
+    #: 16 random bytes; the producer's MAC covers it (no replayed accepts)
     nonce: bytes
+    #: the consumer's name, for the producer's logs
     agent: str = ""
 
 
 class Challenge(msgspec.Struct, tag=True):
+    """Producer -> consumer: its version, its nonce, and whether a MAC is required."""
+
     protocol_version: int
     nonce: bytes
     auth_required: bool
 
 
 class Handshake(msgspec.Struct, tag=True):
+    """Consumer -> producer: its layout, the MAC over both nonces, its backend and info."""
+
     layout: KVLayout
     mac: bytes = b""
     backend: str = ""
@@ -106,18 +114,25 @@ class Handshake(msgspec.Struct, tag=True):
 
 
 class HandshakeAccept(msgspec.Struct, tag=True):
+    """Producer -> consumer: paired; its layout, its MAC, its info (instance id...)."""
+
     layout: KVLayout
     mac: bytes = b""
     info: dict = {}
 
 
 class Error(msgspec.Struct, tag=True):
+    """Producer -> consumer: the handshake is refused; ``code`` is an
+    ``errors.ErrorCode`` value (layout, auth, version, protocol)."""
+
     code: str
     message: str
     layout: KVLayout | None = None
 
 
 class Pull(msgspec.Struct, tag=True):
+    """Consumer -> producer: read these blocks of a published request."""
+
     xfer_id: int
     request_id: str
     block_ids: list[int]
@@ -128,6 +143,8 @@ class Pull(msgspec.Struct, tag=True):
 
 
 class PullGrant(msgspec.Struct, tag=True):
+    """Producer -> consumer: the pull may go ahead (tcp: DATA frames follow)."""
+
     xfer_id: int
     nbytes: int
     #: one digest per granted block, in pull order; empty: not checksummed
@@ -135,6 +152,8 @@ class PullGrant(msgspec.Struct, tag=True):
 
 
 class PullError(msgspec.Struct, tag=True):
+    """Producer -> consumer: this pull cannot be served."""
+
     xfer_id: int
     message: str
     #: "not_published" (may still come: the consumer retries for a while),
@@ -143,6 +162,8 @@ class PullError(msgspec.Struct, tag=True):
 
 
 class ReadDone(msgspec.Struct, tag=True):
+    """Consumer -> producer: a direct read (cma, nixl) finished; ``ok`` False if it failed."""
+
     xfer_id: int
     request_id: str
     ok: bool = True

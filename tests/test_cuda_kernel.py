@@ -110,7 +110,7 @@ def test_cuda_copy_blocks_device_to_pinned_host_and_back(block_bytes, num_blocks
 def test_host_mirror_of_a_kv_split_gpu_cache_is_byte_exact():
     """vLLM's GPU layout [2, num_blocks, block_size, heads, head]: the mirror
     copy matches torch indexing both ways, one kernel launch per direction."""
-    from kvbridge.cache.blocks import HostMirror
+    from kvbridge.cache.mirror import HostMirror
 
     device = {f"layers.{i}": torch.randn(2, 32, 16, 4, 64, device="cuda",
                                          dtype=torch.bfloat16) for i in range(4)}

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from kvbridge.cache import kernels
 from kvbridge.agent import KVAgent
-from kvbridge.cache.blocks import HostMirror, PagedKVCache, copy_kv_blocks, kv_block_regions
+from kvbridge.cache.blocks import PagedKVCache
+from kvbridge.cache.mirror import HostMirror, copy_kv_blocks, kv_block_regions
 from kvbridge.layout import KVLayout
 from kvbridge.transport import TransferState, TransportConfig
 

@@ -56,74 +56,37 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}\n{% endif %}"
 )
 
+#: What every tiny architecture shares: small enough to build in seconds and
+#: run two engines on two cores, wide enough that greedy output depends on
+#: every KV byte.
+_SMALL = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_attention_heads=4,
+    max_position_embeddings=8192,
+    tie_word_embeddings=False,
+)
 #: Shape of the tiny model (kept here so tests and benchmarks can refer to it).
-TINY_CONFIG = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=8192,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
+TINY_CONFIG = dict(_SMALL, num_hidden_layers=2, num_key_value_heads=2, head_dim=64,
+                   rope_theta=10000.0, rms_norm_eps=1e-5)
 #: Qwen3: like the Llama plus per-head q/k RMSNorm.
-QWEN3_CONFIG = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=8192,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
+QWEN3_CONFIG = dict(TINY_CONFIG, rms_norm_eps=1e-6)
 #: Gemma3 (text only): sliding-window and full-attention layers interleaved. The
 #: window (64 tokens) is shorter than the test prompts, so the sliding layers
 #: really drop old blocks.
 GEMMA3_CONFIG = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    query_pre_attn_scalar=64,
-    max_position_embeddings=8192,
-    sliding_window=64,
-    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
+    _SMALL, num_hidden_layers=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
+    sliding_window=64, rms_norm_eps=1e-6,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
 #: DeepSeek-V2 with MLA: vLLM caches one latent of kv_lora_rank + qk_rope_head_dim
 #: = 576 values per token and layer (the only size vLLM's CPU MLA kernels take).
 #: first_k_dense_replace = num_hidden_layers: every layer has a dense MLP, no
-#: routed experts (the MoE fields below are unused but kept small).
+#: routed experts (the MoE fields are unused but kept small).
 DEEPSEEK_V2_CONFIG = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    q_lora_rank=None,
-    kv_lora_rank=512,
-    qk_rope_head_dim=64,
-    qk_nope_head_dim=32,
-    v_head_dim=32,
-    first_k_dense_replace=2,
-    n_routed_experts=4,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    moe_intermediate_size=128,
-    max_position_embeddings=8192,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
+    _SMALL, num_hidden_layers=2, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=512,
+    qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=2,
+    n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128,
+    rope_theta=10000.0, rms_norm_eps=1e-6)
 #: Supported architectures, the first is the default.
 ARCHS = ("llama", "qwen3", "gemma3", "deepseek_v2")
 #: arch -> (config dict, transformers config class, model class).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvbridge.cache.blocks import kv_block_regions
+from kvbridge.cache.mirror import kv_block_regions
 from kvbridge.layout import KVLayout, dtype_name, normalize_memory_layout
 
 if TYPE_CHECKING:

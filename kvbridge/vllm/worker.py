@@ -50,7 +50,8 @@ from vllm.logger import init_logger
 
 from kvbridge.cache import kernels
 from kvbridge.agent import KVAgent
-from kvbridge.cache.blocks import HostMirror, PagedKVCache
+from kvbridge.cache.blocks import PagedKVCache
+from kvbridge.cache.mirror import HostMirror
 from kvbridge.transport import TransferHandle, TransferState
 from kvbridge.vllm.config import KVBridgeConfig
 from kvbridge.vllm.metadata import (

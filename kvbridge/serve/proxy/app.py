@@ -216,15 +216,8 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         prefill.outstanding += 1
         t0 = time.perf_counter()
         try:
-            task = asyncio.ensure_future(client.post(prefill.url + path, json=p_body,
-                                                     headers=headers))
-            # Abort the prefill (by closing its connection) if the client leaves.
-            while not task.done():
-                done, _ = await asyncio.wait({task}, timeout=0.05)
-                if not done and await request.is_disconnected():
-                    task.cancel()
-                    raise ClientDisconnected()
-            r = task.result()
+            r = await post_unless_disconnected(request, client, prefill.url + path, p_body,
+                                               headers)
         finally:
             prefill.outstanding -= 1
         prefill.served += 1
@@ -239,16 +232,12 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         decode.outstanding += 1
         t0 = time.perf_counter()
         try:
-            task = asyncio.ensure_future(client.post(decode.url + path, json=d_body,
-                                                     headers=headers))
-            while not task.done():
-                done, _ = await asyncio.wait({task}, timeout=0.05)
-                if not done and await request.is_disconnected():
-                    task.cancel()
-                    metrics.request_done(kind, 499)
-                    metrics.failure("client_disconnected")
-                    return Response(status_code=499)
-            r = task.result()
+            r = await post_unless_disconnected(request, client, decode.url + path, d_body,
+                                               headers)
+        except ClientDisconnected:
+            metrics.request_done(kind, 499)
+            metrics.failure("client_disconnected")
+            return Response(status_code=499)
         except httpx.HTTPError as e:
             metrics.failure("decode_error")
             metrics.request_done(kind, 502)
@@ -329,6 +318,19 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
 
 class ClientDisconnected(Exception):
     pass
+
+
+async def post_unless_disconnected(request: Request, client, url: str, body: dict,
+                                   headers: dict):
+    """POST ``body`` to a backend; if the client leaves first, abort the
+    backend's request (by closing its connection) and raise ClientDisconnected."""
+    task = asyncio.ensure_future(client.post(url, json=body, headers=headers))
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.05)
+        if not done and await request.is_disconnected():
+            task.cancel()
+            raise ClientDisconnected()
+    return task.result()
 
 
 class BackendError(Exception):
