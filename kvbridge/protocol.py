@@ -101,6 +101,7 @@ class Challenge(msgspec.Struct, tag=True):
 
     protocol_version: int
     nonce: bytes
+    #: the producer has a shared secret: the Handshake must carry a valid MAC
     auth_required: bool
 
 
@@ -166,6 +167,8 @@ class ReadDone(msgspec.Struct, tag=True):
 
     xfer_id: int
     request_id: str
+    #: False: the read failed on the consumer's side; the producer keeps the
+    #: blocks for a retry (or until the lease ends)
     ok: bool = True
 
 
