@@ -28,6 +28,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from kvbridge.errors import ErrorCode
 from kvbridge.serve.proxy.backends import PICKERS, Backend, BackendPool
 from kvbridge.serve.proxy.metrics import ProxyMetrics
 
@@ -191,6 +192,11 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         if decode is None:
             metrics.request_done(kind, 503)
             metrics.failure("no_decode")
+            refused = [b for b in pool.decode if b.quarantine]
+            if refused:
+                return error_response(503, "no decode instance is available: " + "; ".join(
+                    f"{b.url}: {b.quarantine}" for b in refused), "service_unavailable",
+                    code=ErrorCode.LAYOUT.value)
             return error_response(503, "no decode instance is available", "service_unavailable")
         figures["X-KVBridge-Decode-Backend"] = decode.url
         d_body = dict(body)
@@ -245,7 +251,8 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
             # The type names the failure: httpx's ReadError and friends often
             # carry an empty message.
             return error_response(502, f"decode instance {decode.url} failed: "
-                                  f"{type(e).__name__}: {e}", "decode_failed")
+                                  f"{type(e).__name__}: {e}", "decode_failed",
+                                  code=http_failure_code(e))
         finally:
             decode.outstanding -= 1
         decode.served += 1
@@ -299,14 +306,14 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
                 status = 502
                 metrics.failure("decode_truncated")
                 yield sse_error("decode instance closed the stream before it finished",
-                                "decode_failed", 502)
+                                "decode_failed", ErrorCode.PEER_GONE.value)
         except httpx.HTTPError as e:
             status = 502
             metrics.failure("decode_died")
             decode.healthy = False
             logger.error("kvbridge proxy: decode %s failed mid-stream: %s", decode.url, e)
             yield sse_error(f"decode instance {decode.url} failed mid-stream: "
-                            f"{type(e).__name__}: {e}", "decode_failed", 502)
+                            f"{type(e).__name__}: {e}", "decode_failed", http_failure_code(e))
         finally:
             decode.outstanding -= 1
             decode.served += 1
@@ -337,7 +344,13 @@ class BackendError(Exception):
     pass
 
 
-def sse_error(message: str, type_: str, code: int) -> str:
+def http_failure_code(e: httpx.HTTPError) -> str:
+    """kvbridge's error code for a backend that failed at the HTTP level."""
+    return (ErrorCode.TIMEOUT if isinstance(e, httpx.TimeoutException)
+            else ErrorCode.PEER_GONE).value
+
+
+def sse_error(message: str, type_: str, code: int | str) -> str:
     return "data: " + json.dumps({"error": {"message": message, "type": type_, "param": None,
                                             "code": code}}) + "\n\n"
 

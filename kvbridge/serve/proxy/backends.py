@@ -20,6 +20,7 @@ from typing import Protocol
 
 import httpx
 
+from kvbridge.errors import ErrorCode, KVBridgeError
 from kvbridge.layout import KVLayout, LayoutMismatchError, check_pairable, layout_differences
 
 logger = logging.getLogger("kvbridge.serve.proxy")
@@ -77,8 +78,10 @@ class RoundRobin:
 PICKERS = {"least-outstanding": LeastOutstanding, "round-robin": RoundRobin}
 
 
-class LayoutPairingError(RuntimeError):
+class LayoutPairingError(KVBridgeError, RuntimeError):
     """A prefill and a decode instance cannot exchange KV; names the fields."""
+
+    code = ErrorCode.LAYOUT
 
 
 def describe_mismatches(prefill: list[Backend], decode: list[Backend]) -> list[str]:
