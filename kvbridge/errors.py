@@ -100,9 +100,14 @@ class ProtocolError(KVBridgeError):
 
 
 class PeerClosed(KVBridgeError, ConnectionError):
-    """The peer closed the connection (cleanly or mid-frame)."""
+    """The peer closed the connection (cleanly or mid-frame); ``received``:
+    bytes of the frame that did arrive (0: between frames)."""
 
     code = ErrorCode.PEER_GONE
+
+    def __init__(self, message: str = "peer closed the connection", received: int = 0):
+        super().__init__(message)
+        self.received = received
 
 
 class PeerRefusedError(KVBridgeError):

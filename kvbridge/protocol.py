@@ -220,12 +220,24 @@ def decode(body: bytes) -> Message:
 
 # -- framed socket I/O ----------------------------------------------------------
 
+def tune_socket(sock: socket.socket, buffer_bytes: int) -> None:
+    """No Nagle delay on small messages; kernel buffers sized for bulk KV."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
+        except OSError:  # capped by net.core.*mem_max: the kernel's size stands
+            pass
+
+
 def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock``; PeerClosed (with ``received``) on EOF first."""
     got, n = 0, len(view)
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
-            raise PeerClosed(f"peer closed the connection after {got} of {n} bytes")
+            raise PeerClosed(f"peer closed the connection after {got} of {n} bytes",
+                             received=got)
         got += k
 
 
@@ -235,7 +247,7 @@ def recv_header(sock: socket.socket) -> tuple[int, int]:
     try:
         recv_exact_into(sock, memoryview(hdr))
     except PeerClosed as e:
-        if str(e).startswith("peer closed the connection after 0 "):
+        if e.received == 0:
             raise PeerClosed("peer closed the connection") from None
         raise PeerClosed("truncated frame header") from None
     magic, kind, length = HEADER.unpack(hdr)

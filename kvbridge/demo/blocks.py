@@ -22,6 +22,7 @@ import torch
 
 from kvbridge.cache.blocks import PagedKVCache
 from kvbridge.layout import KVLayout
+from kvbridge.protocol import recv_exact_into
 
 _HDR = struct.Struct("!Q")
 
@@ -71,15 +72,6 @@ def producer(port_q, src_ids: list[int], num_blocks: int, seed: int) -> None:
             conn.recv(1)  # wait for the consumer's ack before tearing down
 
 
-def _recv_exact(sock: socket.socket, buf: memoryview) -> None:
-    got = 0
-    while got < len(buf):
-        n = sock.recv_into(buf[got:])
-        if n == 0:
-            raise ConnectionError("peer closed mid-transfer")
-        got += n
-
-
 def consumer(port: int, dst_ids: list[int], num_blocks: int) -> dict:
     from kvbridge.layout import check_compatible
 
@@ -87,16 +79,16 @@ def consumer(port: int, dst_ids: list[int], num_blocks: int) -> dict:
     untouched_before = [i for i in range(num_blocks) if i not in set(dst_ids)]
     with socket.create_connection(("127.0.0.1", port)) as sock:
         hdr = bytearray(_HDR.size)
-        _recv_exact(sock, memoryview(hdr))
+        recv_exact_into(sock, memoryview(hdr))
         meta_buf = bytearray(_HDR.unpack(hdr)[0])
-        _recv_exact(sock, memoryview(meta_buf))
+        recv_exact_into(sock, memoryview(meta_buf))
         meta = json.loads(meta_buf)
         check_compatible(cache.layout, KVLayout.from_dict(meta["layout"]))
-        _recv_exact(sock, memoryview(hdr))
+        recv_exact_into(sock, memoryview(hdr))
         nbytes = _HDR.unpack(hdr)[0]
         staging = cache.pool.acquire(nbytes)
         t0 = time.perf_counter()
-        _recv_exact(sock, memoryview(staging.numpy()))
+        recv_exact_into(sock, memoryview(staging.numpy()))
         t_wire = time.perf_counter() - t0
         t0 = time.perf_counter()
         cache.import_blocks(staging, dst_ids)
