@@ -4,8 +4,9 @@
 Producer: ``request_finished`` keeps a finished prefill's blocks
 (``delay_free=True``) and returns ``kv_transfer_params`` naming this engine,
 its workers' addresses, the block ids, the token count and the layout
-fingerprint; the next ``build_connector_meta`` tells the worker to publish
-them. Consumer: a request carrying those params reports every prompt token
+fingerprint, after publishing the blocks to every worker rank's transport
+over a control connection (the one publish: the worker never publishes, it
+reports the request sent once its transport lets the blocks go). Consumer: a request carrying those params reports every prompt token
 (the partial last block included) as loadable asynchronously, and once blocks
 are allocated the worker is told to pull the ones the local prefix cache does
 not already hold.
@@ -221,9 +222,20 @@ class KVBridgeScheduler:
         # One group: the count is checked against the tokens (a whole block
         # list); several: the groups' counts differ, the ids are what counts.
         checked_tokens = num_tokens if len(groups) == 1 else None
+        # The one publish: straight to each worker rank's listener, so the
+        # blocks are readable now, not at the engine's next step (which a busy
+        # engine can delay by seconds). The workers only wait for the release.
+        published = [c for c in self._control
+                     if c.publish(request.request_id, ids, checked_tokens)]
+        if len(published) < len(self._control):
+            for client in published:
+                client.release(request.request_id, "publish failed on another rank")
+            logger.error("KVBridgeConnector: request %s could not be published on %d of %d "
+                         "ranks; freeing its blocks (decode computes the prompt)",
+                         request.request_id, len(self._control) - len(published),
+                         len(self._control))
+            return False, None
         self._reqs_to_send[request.request_id] = SendSpec(ids, checked_tokens)
-        for client in self._control:
-            client.publish(request.request_id, ids, checked_tokens)
         host, _, port = self.addresses[0].rpartition(":")
         return True, dict(
             do_remote_prefill=True,

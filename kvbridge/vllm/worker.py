@@ -5,8 +5,9 @@ It wraps the engine's paged KV tensors in a ``PagedKVCache`` with the layout
 derived from vLLM's config and the real tensors, and drives one kvbridge
 ``Transport`` - the same core the custom-engine API uses:
 
-* producer: publishes finished prefills' blocks and reports them
-  ``finished_sending`` once read, released or expired;
+* producer: reports finished prefills ``finished_sending`` once its transport
+  let their blocks go (read, released, expired or refused); the scheduler
+  published them;
 * consumer: pulls the blocks of requests the scheduler scheduled for loading,
   reports them ``finished_recving`` when done, and every block of a failed
   pull through ``get_block_ids_with_load_errors`` so vLLM's
@@ -35,8 +36,8 @@ assert, so each is a rule of the state machine below and has a test:
    block ids are unique per group only.
 4. A request is reported ``finished_sending`` exactly once, only after vLLM
    handed it over (``SendSpec``: ``request_finished`` returned True), and once
-   no consumer can read its blocks any more: read, released or expired. A
-   request whose publish failed is released first, then reported.
+   no consumer can read its blocks any more: read, released, expired, or
+   refused when this rank's transport could not publish it.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class KVBridgeWorker:
         #: producer: requests vLLM handed over, until reported sent (rule 4)
         self._sending: set[str] = set()
         #: producer: released before this worker's step saw them (the scheduler
-        #: published them over the control connection first) -> reason
+        #: publishes over the control connection, ahead of the step) -> reason
         self._released_early: OrderedDict[str, str] = OrderedDict()
         #: producer: to report sent at the next get_finished
         self._send_done: set[str] = set()
@@ -189,7 +190,7 @@ class KVBridgeWorker:
     def start_load_kv(self, meta: KVBridgeConnectorMetadata) -> None:
         assert self.agent is not None
         for req_id, spec in meta.reqs_to_send.items():
-            self._start_send(req_id, spec.block_ids, spec.num_tokens)
+            self._start_send(req_id)
         for spec in meta.reqs_to_release:
             try:
                 peers = self.agent.producer_ranks(spec.addresses)
@@ -212,29 +213,18 @@ class KVBridgeWorker:
             time.sleep(self.config.step_yield_s)
 
     # -- producer (rule 4) --
-    def _start_send(self, req_id: str, block_ids: list[int], num_tokens: int) -> None:
+    def _start_send(self, req_id: str) -> None:
+        """vLLM handed the request over. The scheduler already published it
+        to this rank's transport (the only publish); from here the worker only
+        waits for the transport to let the blocks go."""
         if req_id in self._sending:
             return
+        self._stats.bump("num_published")
         if self._released_early.pop(req_id, None) is not None:
-            # Read (or released) before this step saw it: the scheduler's
-            # control publish came first. Done already.
+            # Read (or released) before this step's metadata arrived: done.
             self._send_done.add(req_id)
             return
         self._sending.add(req_id)
-        try:
-            # Usually published already over the control connection; again is
-            # a no-op that never revives a request read or released meanwhile.
-            self.agent.publish(req_id, block_ids, num_tokens=num_tokens)
-            self._stats.bump("num_published")
-        except Exception as e:  # noqa: BLE001 - never strand the blocks
-            logger.error("KVBridgeConnector: cannot publish request %s: %s; freeing its "
-                         "blocks", req_id, e)
-            # The control publish may have made them readable: take that back
-            # before vLLM frees (and reuses) the blocks. Its release event then
-            # reports the request; if nothing was held, report it now.
-            if not self.agent.release(req_id):
-                self._sending.discard(req_id)
-                self._send_done.add(req_id)
 
     def _poll_sent(self) -> set[str]:
         done, self._send_done = self._send_done, set()
