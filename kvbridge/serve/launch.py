@@ -156,11 +156,16 @@ def start_server(name: str, model: str, port: int, *, kv_config: dict | None = N
 
 
 def wait_healthy(servers: list[VllmServer], timeout_s: float = 240.0,
-                 progress=None) -> None:
-    """Block until every server answers /health; raise with its log if one dies."""
+                 progress=None, waiting=None, waiting_every_s: float = 10.0) -> None:
+    """Block until every server answers /health; raise with its log if one dies.
+
+    ``progress(server, elapsed_s)`` is called as each one turns healthy;
+    ``waiting(pending_servers, elapsed_s)`` every ``waiting_every_s`` while some
+    are still pending."""
     deadline = time.monotonic() + timeout_s
     pending = list(servers)
     t0 = time.monotonic()
+    next_wait = waiting_every_s
     while pending:
         for s in list(pending):
             if not s.alive():
@@ -172,6 +177,9 @@ def wait_healthy(servers: list[VllmServer], timeout_s: float = 240.0,
                     progress(s, time.monotonic() - t0)
         if pending and time.monotonic() > deadline:
             raise TimeoutError(f"{[s.name for s in pending]} not healthy after {timeout_s:.0f} s")
+        if pending and waiting and time.monotonic() - t0 >= next_wait:
+            waiting(pending, time.monotonic() - t0)
+            next_wait += waiting_every_s
         if pending:
             time.sleep(0.5)
 

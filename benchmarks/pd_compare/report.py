@@ -1,0 +1,187 @@
+# SPDX-License-Identifier: Apache-2.0
+"""pd_compare's figures as data: per-workload rows, the TTFT breakdown, the
+overheads and ratios against colocated and NIXL, the targets. ``render`` turns
+them into tables and markdown."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def ratio(a, b) -> float | None:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def get(d: dict, *path):
+    for p in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(p)
+    return d
+
+
+def xfer_ms(res: dict, wl: str) -> tuple[float | None, str]:
+    """KV transfer ms/request for a workload: decode-log stats under load, else
+    NIXL's Prometheus histogram, else the side measurement's headers."""
+    w = get(res, "workloads", wl, "server") or {}
+    tl = w.get("transfer_log")
+    if tl and tl.get("mean_ms") is not None:
+        return tl["mean_ms"], "log"
+    if get(w, "nixl_prom", "mean_ms") is not None:
+        return w["nixl_prom"]["mean_ms"], "prom"
+    return None, ""
+
+
+def references(results: list[dict]) -> tuple[dict | None, dict | None]:
+    """The colocated and the vLLM-NIXL results, where run."""
+    by = {r["config"]: r for r in results}
+    return by.get("colocated"), by.get("vllm-nixl")
+
+
+def workload_row(results: list[dict], r: dict, c: dict, wl: tuple[str, str]) -> dict:
+    """One configuration's figures for a workload table: client percentiles ``c``
+    and their ratios to the colocated and NIXL runs' at ``wl`` (a path under
+    ``workloads``)."""
+    col, nix = references(results)
+    ref_c = get(col, "workloads", *wl) if col else None
+    ref_n = get(nix, "workloads", *wl) if nix else None
+    rps = get(r, "workloads", wl[0], "request_throughput") if wl[0] == "w2" else \
+        c.get("request_throughput")
+    return {"config": r["config"], "kind": r["kind"],
+            "p50_ttft_ms": c.get("p50_ttft_ms"), "p99_ttft_ms": c.get("p99_ttft_ms"),
+            "p50_itl_ms": c.get("p50_itl_ms"), "p99_itl_ms": c.get("p99_itl_ms"),
+            "request_throughput": rps, "xfer_ms": xfer_ms(r, wl[0])[0],
+            "ttft_p50_to_colocated": ratio(c.get("p50_ttft_ms"), get(ref_c, "p50_ttft_ms")),
+            "ttft_p50_to_nixl": ratio(c.get("p50_ttft_ms"), get(ref_n, "p50_ttft_ms")),
+            "itl_p99_to_colocated": ratio(c.get("p99_itl_ms"), get(ref_c, "p99_itl_ms")),
+            "itl_p99_to_nixl": ratio(c.get("p99_itl_ms"), get(ref_n, "p99_itl_ms")),
+            "failed": c.get("failed")}
+
+
+def add_mixed(results: list[dict]) -> None:
+    """Workload 2's figures the tables compare, as ``workloads.w2._mixed`` (in
+    place; the results JSON keeps them): TTFT of the long prompts (the ones
+    prefilled remotely), ITL of the decode streams during the long-prompt window
+    (the ones a long prefill can stall)."""
+    for r in results:
+        s = get(r, "workloads", "w2", "streams")
+        if not s:
+            continue
+        ln = get(r, "workloads", "w2", "long") or {}
+        w2 = r["workloads"]["w2"]
+        w2["_mixed"] = {
+            "p50_ttft_ms": ln.get("p50_ttft_ms"), "p99_ttft_ms": ln.get("p99_ttft_ms"),
+            "p50_itl_ms": w2.get("window_p50_itl_ms"), "p99_itl_ms": w2.get("window_p99_itl_ms"),
+            "failed": (s.get("failed") or 0) + (ln.get("failed") or 0)}
+
+
+def breakdown(r: dict, name: str) -> dict:
+    """Where one configuration's mean TTFT went in workload ``name`` (additive)."""
+    wl = get(r, "workloads", name)
+    cm = get(wl, "client", "mean_ttft_ms")
+    if r["kind"] == "colocated":
+        srv = get(wl, "server", "colocated") or {}
+        return {"client_ttft": cm, "prefill": srv.get("prefill_mean_ms"),
+                "decode_queue": srv.get("queue_mean_ms")}
+    px = get(wl, "server", "proxy") or {}
+    xf, _src = xfer_ms(r, name)
+    ovh, pre, pt = (px.get("overhead_mean_ms"), px.get("prefill_mean_ms"),
+                    px.get("ttft_mean_ms"))
+    dec_first = pt - pre - ovh if None not in (pt, pre, ovh) else None
+    return {"client_ttft": cm, "proxy_overhead": ovh, "prefill": pre,
+            "kv_transfer": xf,
+            "decode_rest": dec_first - xf if None not in (dec_first, xf) else dec_first,
+            "decode_queue": get(wl, "server", "decode", "queue_mean_ms"),
+            "client_gap": cm - pt if None not in (cm, pt) else None,
+            "hop": cm - pre if None not in (cm, pre) else None}
+
+
+def summarize_results(results: list[dict], plan: dict) -> dict:
+    """The run's summary (the results JSON's ``summary``): per configuration the
+    TTFT breakdown per prompt length, the overheads and ratios against colocated
+    and NIXL, the proxy's overhead; and the ``targets`` with their verdicts.
+    Adds ``workloads.w2._mixed`` to ``results`` first."""
+    add_mixed(results)
+    col, nix = references(results)
+    summary: dict = {}
+    for r in results:
+        for L in plan["w1_lengths"]:
+            if get(r, "workloads", f"w1_{L}"):
+                summary.setdefault(r["config"], {})[f"breakdown_{L}"] = breakdown(r, f"w1_{L}")
+
+    pd = pd_results(results)
+    for L in plan["w1_lengths"]:
+        c50 = get(col, "workloads", f"w1_{L}", "client", "p50_ttft_ms") if col else None
+        n50 = get(nix, "workloads", f"w1_{L}", "client", "p50_ttft_ms") if nix else None
+        nix_ovh = n50 - c50 if None not in (n50, c50) else None
+        for r in pd:
+            p50 = get(r, "workloads", f"w1_{L}", "client", "p50_ttft_ms")
+            ovh = p50 - c50 if None not in (p50, c50) else None
+            e = summary.setdefault(r["config"], {})
+            e[f"ttft_overhead_ms_{L}"] = ovh
+            e[f"ttft_ratio_to_colocated_{L}"] = ratio(p50, c50)
+            if r["kind"] == "kvbridge":
+                # Only meaningful when both P/D configs are slower than colocated;
+                # otherwise the colocated baseline itself was slowed (noise).
+                e[f"overhead_ratio_to_nixl_{L}"] = ratio(ovh, nix_ovh) if (
+                    ovh is not None and nix_ovh is not None and ovh > 0 and nix_ovh > 0) \
+                    else None
+                hop = get(e, f"breakdown_{L}", "hop")
+                nhop = get(summary, "vllm-nixl", f"breakdown_{L}", "hop")
+                e[f"hop_ratio_to_nixl_{L}"] = ratio(hop, nhop) if (
+                    hop is not None and nhop and hop > 0 and nhop > 0) else None
+    for r in pd:
+        e = summary[r["config"]]
+        p50s = [get(r, "workloads", k, "server", "proxy", "overhead_p50_ms")
+                for k in [f"w1_{L}" for L in plan["w1_lengths"]] + ["w2"]]
+        p50s = [v for v in p50s if v is not None]
+        e["proxy_overhead_p50_ms"] = statistics.median(p50s) if p50s else None
+        e["itl_p99_mixed_ratio_to_colocated"] = ratio(
+            get(r, "workloads", "w2", "_mixed", "p99_itl_ms"),
+            get(col, "workloads", "w2", "_mixed", "p99_itl_ms") if col else None)
+    summary["targets"] = targets(pd, summary, max(plan["w1_lengths"]))
+    return summary
+
+
+def pd_results(results: list[dict]) -> list[dict]:
+    """The disaggregated configurations that ran their workloads."""
+    return [r for r in results if r["kind"] != "colocated" and get(r, "workloads")]
+
+
+def targets(pd: list[dict], summary: dict, Lmax: int) -> list[dict]:
+    """Each P/D configuration's targets at the longest prompts, with verdicts."""
+    verdicts = []
+    for r in pd:
+        e = summary[r["config"]]
+        if r["kind"] == "kvbridge":
+            v = e.get(f"overhead_ratio_to_nixl_{Lmax}")
+            verdicts.append((r["config"], f"kvbridge/NIXL TTFT overhead at ~{Lmax} <= 0.5"
+                             + ("" if v is not None else " (n/a: overhead <= 0)"), v,
+                             None if v is None else v <= 0.5))
+        v = e.get(f"ttft_ratio_to_colocated_{Lmax}")
+        verdicts.append((r["config"], f"P/D TTFT / colocated at ~{Lmax} <= 1.10", v,
+                         None if v is None else v <= 1.10))
+        v = e.get("proxy_overhead_p50_ms")
+        verdicts.append((r["config"], "proxy overhead p50 < 1 ms", v,
+                         None if v is None else v < 1.0))
+    return [{"config": c, "target": t, "value": v, "met": m} for c, t, v, m in verdicts]
+
+
+def transfer_crosscheck(results: list[dict], plan: dict) -> list[dict]:
+    """Per P/D configuration and prompt length: the side requests' transfer
+    figures next to the decode instance's (medians over successful requests)."""
+    rows = []
+    for r in pd_results(results):
+        side = get(r, "side", "requests") or []
+        for L in plan["w1_lengths"]:
+            s = [q for q in side if q["prompt_tokens"] == L and q["status"] == 200]
+            hdr = [q["transfer_ms"] for q in s if isinstance(q["transfer_ms"], float)]
+            kvb = [q["kv_bytes"] for q in s if isinstance(q["kv_bytes"], float)]
+            srv = get(r, "side", "server") or {}
+            rows.append({"config": r["config"], "prompt": L, "n": len(s),
+                         "header_ms": statistics.median(hdr) if hdr else None,
+                         "kv_mib": statistics.median(kvb) / 2**20 if kvb else None,
+                         "prom_ms": get(srv, "nixl_prom", "mean_ms"),
+                         "log_ms": get(srv, "transfer_log", "mean_ms"),
+                         "under_load_ms": xfer_ms(r, f"w1_{L}")[0]})
+    return rows
