@@ -17,12 +17,12 @@ import numpy as np
 from kvbridge.bench.common import Progress, fmt_bytes
 from kvbridge.bench.transport.memory import digest, fill_random
 from kvbridge.bench.transport.plan import (
-    MiB,
     POISON,
     PULL_TIMEOUT_S,
     SEED,
     START_TIMEOUT_S,
     Case,
+    MiB,
     Timing,
 )
 from kvbridge.bench.transport.procs import (
@@ -33,6 +33,7 @@ from kvbridge.bench.transport.procs import (
     result,
     stop_process,
 )
+from kvbridge.protocol import recv_exact_into, tune_socket
 
 _SOCK_HDR = struct.Struct("!cQ")  # op (S: send n bytes, D: digest of n bytes, Q: quit), n
 
@@ -44,11 +45,12 @@ def _socket_sender_main(port: int, max_bytes: int, seed: int, sock_buf: int) -> 
     mv = memoryview(buf)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     # Buffers before connect, so the window scale is negotiated for them.
-    _tune_socket(sock, sock_buf)
+    tune_socket(sock, sock_buf)
     try:
         sock.connect(("127.0.0.1", port))
         hdr = bytearray(_SOCK_HDR.size)
-        while _recv_exact(sock, memoryview(hdr)):
+        while True:  # until the parent closes the connection (PeerClosed is an OSError)
+            recv_exact_into(sock, memoryview(hdr))
             op, n = _SOCK_HDR.unpack(hdr)
             if op == b"S":
                 sock.sendall(mv[:n])
@@ -98,29 +100,6 @@ def _nixl_target_main(pipe: Connection, max_bytes: int, seed: int) -> None:
             agent.deregister_memory(reg)
 
 
-def _tune_socket(sock: socket.socket, sock_buf: int) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, sock_buf)
-        except OSError:
-            pass
-
-
-def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
-    """Fill ``view``; False on a clean EOF before the first byte."""
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            if got == 0:
-                return False
-            raise ConnectionError("peer closed mid-message")
-        got += n
-    return True
-
-
-
 def bench_memcpy(cases: list[Case], timing: Timing, prog: Progress) -> list[dict]:
     max_bytes = max(c.nbytes for c in cases)
     src = np.empty(max_bytes, dtype=np.uint8)
@@ -158,7 +137,7 @@ def bench_socket(cases: list[Case], timing: Timing, prog: Progress) -> list[dict
     max_bytes = max(c.nbytes for c in cases)
     ctx = mp.get_context("spawn")
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    _tune_socket(listener, sock_buf)  # inherited by the accepted socket
+    tune_socket(listener, sock_buf)  # inherited by the accepted socket
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     listener.settimeout(START_TIMEOUT_S)
@@ -176,7 +155,7 @@ def bench_socket(cases: list[Case], timing: Timing, prog: Progress) -> list[dict
             return all_failed("socket", cases, f"socket sender did not connect: {e}", prog)
         finally:
             listener.close()
-        _tune_socket(conn, sock_buf)
+        tune_socket(conn, sock_buf)
         conn.settimeout(PULL_TIMEOUT_S)
         prog.step(f"socket: sender ready ({time.perf_counter() - t0:.1f} s; "
                   f"SO_RCVBUF {fmt_bytes(conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))})")
@@ -189,14 +168,14 @@ def bench_socket(cases: list[Case], timing: Timing, prog: Progress) -> list[dict
                 dst[:n] = POISON
                 start = time.perf_counter()
                 conn.sendall(_SOCK_HDR.pack(b"S", n))
-                _recv_exact(conn, view)
+                recv_exact_into(conn, view)
                 return time.perf_counter() - start
 
             try:
                 samples = repeat(one, timing)
                 conn.sendall(_SOCK_HDR.pack(b"D", n))
                 theirs = bytearray(20)
-                _recv_exact(conn, memoryview(theirs))
+                recv_exact_into(conn, memoryview(theirs))
                 verified = bytes(theirs).hex() == digest([view])
                 res = result("socket", case, samples, verified,
                               None if verified else "digest mismatch")
