@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from kvbridge import protocol as P
 from kvbridge.layout import KVLayout
 from kvbridge.transport import TransferState, TransportConfig, available, create_transport
-from test_transport import BACKENDS, ENV, Producer, make_cache
+from conftest import TRANSPORT_BACKENDS as BACKENDS
+from helpers.procs import ENV, Producer
+from helpers.transport_peer import make_cache
 
 LAYOUT = make_cache(4, None).layout
 
