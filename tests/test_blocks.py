@@ -8,26 +8,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import transport_peer
 from kvbridge.cache import kernels
 from kvbridge.cache.blocks import BlockIdError, PagedKVCache, StagingPool
-from kvbridge.layout import KVLayout
 
 PATHS = ["torch"] + (["cpu_kernel"] if kernels.cpu_kernel_available() else [])
 
 
 def make_cache(num_blocks=16, layers=2, heads=2, block_size=32, head_size=16,
                dtype=torch.bfloat16, seed=0, regions_per_layer=1):
-    g = torch.Generator().manual_seed(seed)
-    regions = []
-    for _ in range(layers * regions_per_layer):
-        t = torch.empty(num_blocks, heads, block_size, 2 * head_size, dtype=dtype)
-        raw = t.view(torch.uint8)
-        raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=g))
-        regions.append(t)
-    layout = KVLayout.from_tensors(regions, model="m", block_size=block_size, num_kv_heads=heads,
-                                   head_size=head_size, memory_layout="LBHNC",
-                                   regions_per_layer=regions_per_layer)
-    return PagedKVCache(layout, regions)
+    """This file's cache shape, built by the shared helper."""
+    return transport_peer.make_cache(num_blocks, seed, block_size=block_size, kv_heads=heads,
+                                     head_size=head_size, layers=layers, dtype=dtype,
+                                     model="m", regions_per_layer=regions_per_layer)
 
 
 def snapshot(cache):

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from kvbridge import protocol as P
 from kvbridge.layout import KVLayout
 from kvbridge.transport import TransferState, TransportConfig, available, create_transport
-from test_transport import BACKENDS, ENV, Producer, make_cache
+from conftest import TRANSPORT_BACKENDS as BACKENDS
+from helpers.procs import ENV, Producer
+from helpers.transport_peer import make_cache
 
 LAYOUT = make_cache(4, None).layout
 
@@ -36,8 +38,10 @@ def _host_port(address):
     return host, int(port)
 
 
-def exchange(address: str, payload: bytes, timeout: float = 3.0) -> bytes:
-    """Send raw bytes, half-close, return whatever the server says before closing."""
+def talk(address: str, payload: bytes, timeout: float = 3.0) -> tuple[bytes, bool]:
+    """Send raw bytes, half-close; return what the server said and whether it
+    closed the connection (False: it still held it open at ``timeout``)."""
+    closed = False
     with socket.create_connection(_host_port(address), timeout=timeout) as s:
         try:
             s.sendall(payload)
@@ -49,11 +53,19 @@ def exchange(address: str, payload: bytes, timeout: float = 3.0) -> bytes:
             while True:
                 b = s.recv(65536)
                 if not b:
+                    closed = True
                     break
                 chunks.append(b)
-        except (socket.timeout, ConnectionResetError):
+        except socket.timeout:
             pass
-    return b"".join(chunks)
+        except ConnectionResetError:
+            closed = True
+    return b"".join(chunks), closed
+
+
+def exchange(address: str, payload: bytes, timeout: float = 3.0) -> bytes:
+    """Send raw bytes, half-close, return whatever the server says before closing."""
+    return talk(address, payload, timeout)[0]
 
 
 def frames(data: bytes) -> list:
@@ -108,7 +120,8 @@ def test_truncated_frames_close_quietly(served):
     backend, prod = served
     full = hello()
     for cut in (1, P.HEADER.size - 1, P.HEADER.size + 3, len(full) - 1):
-        exchange(prod.address, full[:cut])
+        # Nothing said (not even a Challenge: no whole Hello came), and closed.
+        assert talk(prod.address, full[:cut]) == (b"", True), cut
     assert_still_serves(backend, prod, "after-truncation")
 
 
@@ -149,15 +162,57 @@ def test_fuzzed_frames_never_crash_the_server(served, data):
     else:
         frame = data.draw(st.sampled_from(_valid_frames()))
         payload = frame[:data.draw(st.integers(0, len(frame)))]
-    exchange(prod.address, payload, timeout=2.0)
+    data, closed = talk(prod.address, payload, timeout=5.0)
+    assert closed, f"the producer kept a half-closed connection open (sent {data[:64]!r})"
+    check_refusal(data, payload)
     assert prod.proc.is_alive()
 
 
+#: what a producer may answer a client that never authenticates nor reads
+#: (no secret is set here, so a well-formed Hello and Handshake are accepted)
+ALLOWED_REPLIES = (P.Challenge, P.HandshakeAccept, P.PullError, P.Error)
+REFUSAL_CODES = {"protocol", "version", "auth", "layout", "backend"}
+
+
+def check_refusal(data: bytes, payload: bytes) -> None:
+    """The producer's whole answer to ``payload``: whole, decodable message
+    frames only (no bytes granted), the Challenge first if at all, at most one
+    ``Error`` - last, with a refusal code (never ``internal``, an unexpected
+    exception) and a message - and no ``PullGrant``."""
+    why = f"payload {payload[:64].hex()}, reply {data[:96].hex()}"
+    msgs, rest = [], data
+    while rest:
+        assert len(rest) >= P.HEADER.size, f"torn frame header; {why}"
+        magic, kind, length = P.HEADER.unpack_from(rest)
+        assert magic == P.MAGIC and kind == P.KIND_MSG, f"not a message frame; {why}"
+        assert len(rest) >= P.HEADER.size + length, f"torn frame body; {why}"
+        msgs.append(P.decode(rest[P.HEADER.size:P.HEADER.size + length]))
+        rest = rest[P.HEADER.size + length:]
+    assert all(isinstance(m, ALLOWED_REPLIES) for m in msgs), (msgs, why)
+    assert not any(isinstance(m, P.Challenge) for m in msgs[1:]), (msgs, why)
+    errors = [i for i, m in enumerate(msgs) if isinstance(m, P.Error)]
+    assert errors in ([], [len(msgs) - 1]), (msgs, why)
+    if errors:
+        err = msgs[-1]
+        assert err.code in REFUSAL_CODES and err.message, (err, why)
+    if payload[:2] != P.MAGIC:
+        # Not even a frame: refused before anything else is said.
+        assert msgs == [] or (len(msgs) == 1 and isinstance(msgs[0], P.Error)
+                              and msgs[0].code == "protocol"), (msgs, why)
+
+
 def test_server_serves_after_fuzzing(served):
+    """Independent of the tests before it: fuzz here, then a real pull works
+    and the producer counted the bad input."""
     backend, prod = served
+    base = prod.call("metrics")["protocol_errors"]
+    for payload in (b"\x00" * 9, P.HEADER.pack(P.MAGIC, 9, 4) + b"abcd",
+                    P.HEADER.pack(P.MAGIC, P.KIND_MSG, 3) + b"\xc1\xc1\xc1"):
+        data, closed = talk(prod.address, payload)
+        assert closed
+        check_refusal(data, payload)
     assert_still_serves(backend, prod, "after-fuzz")
-    m = prod.call("metrics")
-    assert m["protocol_errors"] > 0
+    assert prod.call("metrics")["protocol_errors"] >= base + 3
 
 
 def test_messages_round_trip_and_reject_unknown_types():

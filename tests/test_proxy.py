@@ -9,10 +9,7 @@ reference is the decode server answering alone (no kv_transfer_params).
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers.procs import HttpProcess
 from kvbridge.serve.launch import free_port, kv_transfer_config, start_server, stop_all, wait_healthy
 
 pytestmark = pytest.mark.vllm
@@ -32,45 +30,18 @@ MESSAGES = [{"role": "user", "content": "Return a new sorted list from the items
              "iterable, with an optional key function. " * 3}]
 
 
-class Proxy:
+class Proxy(HttpProcess):
+    """A real ``kvbridge proxy`` process (stopped with ``stop()``, its group too)."""
+
     def __init__(self, prefill: list[str], decode: list[str], *extra: str,
                  wait: bool = True, log_dir: Path | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [KVBRIDGE, "proxy", "--port", str(self.port), "--health-interval", "0.5"]
+        args = [KVBRIDGE, "proxy", "--port", "{port}", "--health-interval", "0.5"]
         for u in prefill:
             args += ["--prefill", u]
         for u in decode:
             args += ["--decode", u]
-        self.log_path = (log_dir or Path("/tmp")) / f"proxy-{self.port}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args + list(extra), stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        if wait:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"proxy exited {self.proc.returncode}:\n{self.output()}")
-                try:
-                    if httpx.get(self.url + "/health", timeout=1).status_code in (200, 503):
-                        return
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            raise TimeoutError(self.output())
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
+        # 503: up, but no healthy pair behind it (yet).
+        super().__init__("proxy", args + list(extra), log_dir, wait=wait, ok=(200, 503))
 
 
 @pytest.fixture(scope="module")
@@ -273,14 +244,16 @@ def test_mismatched_pair_refused_at_start(servers, tiny_model_dir, tmp_path):
     other = start_server("decode64", tiny_model_dir, free_port(), cpu_core=1, log_dir=tmp_path,
                          served_name=MODEL, block_size=64,
                          kv_config=kv_transfer_config("kv_consumer", kv_port=free_port()))
+    px = None
     try:
         wait_healthy([other])
         px = Proxy([p.url], [other.url], wait=False, log_dir=tmp_path)
         assert px.proc.wait(60) == 2
         out = px.output()
         assert "refusing to pair" in out and "block_size: prefill 128, decode 64" in out
-        px.stop()
     finally:
+        if px is not None:
+            px.stop()
         stop_all([other])
 
 
@@ -305,6 +278,7 @@ def test_decode_killed_mid_stream_gets_error_event(servers, tiny_model_dir, tmp_
     d2 = start_server("decode-victim", tiny_model_dir, free_port(), cpu_core=1,
                       log_dir=tmp_path, served_name=MODEL,
                       kv_config=kv_transfer_config("kv_consumer", kv_port=free_port()))
+    px = None
     try:
         wait_healthy([d2])
         px = Proxy([p.url], [d2.url], log_dir=tmp_path)
@@ -323,45 +297,21 @@ def test_decode_killed_mid_stream_gets_error_event(servers, tiny_model_dir, tmp_
         assert time.monotonic() - t0 < 60
         assert events[-1] != "[DONE]", "a truncated stream must not end like a complete one"
         assert "error" in events[-1] and events[-1]["error"]["type"] == "decode_failed"
-        px.stop()
     finally:
+        if px is not None:
+            px.stop()
         stop_all([d2])
 
 
-class VllmRouter:
+class VllmRouter(HttpProcess):
     """The real ``vllm-router`` package in P/D mode, as production users run it."""
 
     def __init__(self, prefill: str, decode: str, log_dir: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         exe = str(Path(sys.executable).parent / "vllm-router")
-        self.log_path = log_dir / f"vllm-router-{self.port}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [exe, "--vllm-pd-disaggregation", "--host", "127.0.0.1", "--port", str(self.port),
-             "--prefill", prefill, "--decode", decode, "--kv-connector", "nixl"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.log_path.read_text())
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(self.log_path.read_text())
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
+        super().__init__("vllm-router", [
+            exe, "--vllm-pd-disaggregation", "--host", "127.0.0.1", "--port", "{port}",
+            "--prefill", prefill, "--decode", decode, "--kv-connector", "nixl"],
+            log_dir, health_path="/v1/models")
 
 
 def test_behind_vllm_router_streaming_chat(servers):

@@ -7,7 +7,6 @@ a pipe; the consumer is this process.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import random
 import signal
@@ -16,116 +15,19 @@ import time
 
 import pytest
 
-from helpers.transport_peer import digest, make_cache, producer_main
+from conftest import TRANSPORT_BACKENDS
+from helpers.procs import ENV, NUM_BLOCKS, Producer, sigstop, stopped  # noqa: F401 - shared
+from helpers.transport_peer import digest, make_cache
 from kvbridge import protocol as P
 from kvbridge.layout import LayoutMismatchError
 from kvbridge.transport import (
     TransferError,
     TransferState,
-    TransportConfig,
-    available,
-    create_transport,
 )
 
-BACKENDS = ["tcp", "cma", "nixl"]
-NUM_BLOCKS = 64
-ENV = {"UCX_NET_DEVICES": "lo"}
-
-
-def _require(backend: str) -> None:
-    if backend not in available():
-        pytest.fail(f"backend {backend} is not available here (its dependency failed to import)")
-
-
-class Producer:
-    """Handle on a producer process."""
-
-    def __init__(self, backend: str, cache_kw: dict | None = None, config_kw: dict | None = None,
-                 env: dict | None = None):
-        ctx = mp.get_context("spawn")
-        self.pipe, child = ctx.Pipe()
-        kw = dict(num_blocks=NUM_BLOCKS, seed=11)
-        kw.update(cache_kw or {})
-        self.proc = ctx.Process(target=producer_main,
-                                args=(child, backend, kw, config_kw or {}, {**ENV, **(env or {})}),
-                                daemon=True)
-        self.proc.start()
-        if not self.pipe.poll(180):  # spawn imports torch: slow on a loaded machine
-            self.kill()
-            raise RuntimeError("producer did not start")
-        self.address = self.pipe.recv()
-
-    def call(self, *cmd, timeout: float = 30):
-        self.pipe.send(cmd)
-        if not self.pipe.poll(timeout):
-            raise TimeoutError(f"producer did not answer {cmd[0]}")
-        return self.pipe.recv()
-
-    def publish(self, rid, ids, lease_s=None):
-        err = self.call("publish", rid, list(ids), lease_s)
-        assert err is None, err
-
-    def wait_released(self, timeout: float = 10) -> list:
-        """The (request_id, reason) releases polled until the first arrive."""
-        deadline = time.monotonic() + timeout
-        released: list = []
-        while time.monotonic() < deadline and not released:
-            released = self.call("poll")
-            time.sleep(0.05)
-        return released
-
-    def kill(self):
-        if self.proc.is_alive():
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.join(10)
-
-    def stop(self):
-        if self.proc.is_alive():
-            try:
-                os.kill(self.proc.pid, signal.SIGCONT)
-                self.call("stop", timeout=10)
-            except (TimeoutError, OSError, EOFError, BrokenPipeError):
-                pass
-        self.proc.join(10)
-        self.kill()
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    _require(request.param)
-    os.environ.update(ENV)
-    return request.param
-
-
-@pytest.fixture
-def producers():
-    started: list[Producer] = []
-
-    def start(*a, **kw):
-        p = Producer(*a, **kw)
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.stop()
-
-
-@pytest.fixture
-def consumers():
-    made = []
-
-    def make(backend, config_kw=None, **cache_kw):
-        kw = dict(num_blocks=NUM_BLOCKS, seed=None)
-        kw.update(cache_kw)
-        cache = make_cache(**kw)
-        t = create_transport(backend, cache, TransportConfig(**(config_kw or {})))
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        t.close()
+# Fixtures (tests/conftest.py): backend (every transport), producers (producer
+# processes, stopped at teardown), consumers (transports here, closed at teardown).
+BACKENDS = TRANSPORT_BACKENDS
 
 
 def test_scattered_blocks_are_byte_exact(backend, producers, consumers):
@@ -180,30 +82,55 @@ def test_concurrent_requests_on_one_connection(backend, producers, consumers):
     assert cons.metrics()["handshakes"] == 1, "descriptors/handshake must be reused per peer"
 
 
+def _wait_state(h, state, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while h.state != state and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert h.state == state, (h.state, h.error)
+
+
 def test_cancelled_transfer_writes_nothing_and_keeps_the_lease(backend, producers, consumers):
+    """Cancel a pull mid-flight: the Pull is sent, but the producer is held
+    (SIGSTOP) so it cannot grant before the cancel. Once it runs again its
+    grant must land nowhere, and the blocks stay leased for a new pull."""
     prod = producers(backend)
     cons = consumers(backend)
     prod.publish("x", [1, 2, 3])
     before = digest(cons.cache, [4, 5, 6])
-    h = cons.pull(prod.address, "x", [1, 2, 3], [4, 5, 6])
-    h.cancel()
-    assert h.wait(30) in (TransferState.CANCELLED, TransferState.DONE)
-    if h.state == TransferState.CANCELLED:
-        assert digest(cons.cache, [4, 5, 6]) == before
-        # Not read: the producer still holds the blocks, and a new pull succeeds.
-        h2 = cons.pull(prod.address, "x", [1, 2, 3], [4, 5, 6])
-        assert h2.wait(30) == TransferState.DONE, h2.error
+    cons.handshake(prod.address)
+    with stopped(prod.proc.pid):  # the pull is sent but cannot be granted
+        h = cons.pull(prod.address, "x", [1, 2, 3], [4, 5, 6])
+        _wait_state(h, TransferState.TRANSFERRING)
+        h.cancel()
+        assert not h.state.finished  # mid-flight: it ends at the producer's reply
+    assert h.wait(30) == TransferState.CANCELLED, h.error
+    assert digest(cons.cache, [4, 5, 6]) == before, "a cancelled pull wrote a local block"
+    assert cons.metrics()["transfers_cancelled"] == 1
+    # Not read: the producer still holds the blocks, and a new pull succeeds.
+    assert "x" in prod.call("held")
+    h2 = cons.pull(prod.address, "x", [1, 2, 3], [4, 5, 6])
+    assert h2.wait(30) == TransferState.DONE, h2.error
     assert digest(cons.cache, [4, 5, 6]) == prod.call("digest", [1, 2, 3])
 
 
 def test_cancel_before_handshake_is_immediate(backend, producers, consumers):
+    """A pull still handshaking (the producer is held, so it cannot answer
+    Hello) is cancelled at once; nothing is sent for it and the request
+    stays published."""
     prod = producers(backend)
     cons = consumers(backend)
     prod.publish("y", [1])
-    h = cons.pull(prod.address, "y", [1], [2])
-    assert h.cancel() or h.state in (TransferState.TRANSFERRING, TransferState.DONE,
-                                     TransferState.HANDSHAKING)
-    assert h.wait(30).finished
+    before = digest(cons.cache, [2])
+    with stopped(prod.proc.pid):
+        h = cons.pull(prod.address, "y", [1], [2])
+        _wait_state(h, TransferState.HANDSHAKING)
+        assert h.cancel() is True
+        assert h.state == TransferState.CANCELLED and h.wait(0) == TransferState.CANCELLED
+    assert prod.call("poll") == []  # nothing released or read
+    assert digest(cons.cache, [2]) == before
+    h2 = cons.pull(prod.address, "y", [1], [2])
+    assert h2.wait(30) == TransferState.DONE, h2.error
+    assert digest(cons.cache, [2]) == prod.call("digest", [1])
 
 
 @pytest.mark.parametrize("field,cache_kw,expect", [
@@ -292,20 +219,6 @@ def test_unknown_request_id_is_a_clear_error(backend, producers, consumers):
     prod.publish("q", [1, 2])
     h = cons.pull(prod.address, "q", [1, 2], [1, 2])
     assert h.wait(30) == TransferState.DONE, h.error
-
-
-def sigstop(pid: int) -> None:
-    """Stop ``pid`` and wait until it is stopped: the signal is asynchronous,
-    and a producer still running on the other core served a pull sent right
-    after ``kill`` (seen once under load)."""
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "T":
-                return
-        time.sleep(0.001)
-    raise AssertionError(f"process {pid} did not stop")
 
 
 def test_producer_killed_mid_transfer_fails_fast_and_frees(backend, producers, consumers):

@@ -5,9 +5,9 @@ the same address, requests handed back with Release."""
 
 from __future__ import annotations
 
-import time
+# Fixtures (tests/conftest.py): backend, producers, consumers.
 
-from test_transport import NUM_BLOCKS, backend, consumers, producers  # noqa: F401 - fixtures
+import time
 
 from helpers.transport_peer import digest
 from kvbridge.serve.launch import free_port

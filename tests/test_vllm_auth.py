@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from test_vllm_connector import MAX_TOKENS, PROMPTS, Engine, _ports
+from helpers.procs import Engine
+from kvbridge.serve.launch import free_port
+from test_vllm_connector import MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.vllm
 
@@ -15,12 +17,12 @@ SECRET = "kvbridge-test-secret"
 
 
 def test_consumer_without_the_secret_is_refused_naming_auth(tiny_model_dir):
-    p = Engine("kv_producer", tiny_model_dir, port=next(_ports),
+    p = Engine("kv_producer", tiny_model_dir, port=free_port(),
                extra={"transport": "tcp", "secret": SECRET})
     engines = [p]
     try:
         params = p.call(cmd="prefill", prompts=[PROMPTS[0]])["params"]
-        d = Engine("kv_consumer", tiny_model_dir, port=next(_ports), extra={"transport": "tcp"})
+        d = Engine("kv_consumer", tiny_model_dir, port=free_port(), extra={"transport": "tcp"})
         engines.append(d)
         out = d.call(cmd="decode", prompts=[PROMPTS[0]], params=params, max_tokens=MAX_TOKENS)
         assert out["tokens"] in ([], [[]]), out
@@ -29,7 +31,7 @@ def test_consumer_without_the_secret_is_refused_naming_auth(tiny_model_dir):
         assert m["pulls_served"] == 0 and m["bytes_served"] == 0
         d.stop()
         # A wrong secret: refused the same way, and the producer says why.
-        d = Engine("kv_consumer", tiny_model_dir, port=next(_ports),
+        d = Engine("kv_consumer", tiny_model_dir, port=free_port(),
                    extra={"transport": "tcp", "secret": "wrong"})
         engines.append(d)
         params = p.call(cmd="prefill", prompts=[PROMPTS[1]])["params"]
@@ -39,7 +41,7 @@ def test_consumer_without_the_secret_is_refused_naming_auth(tiny_model_dir):
         assert p.call(cmd="transport")["metrics"]["refusals"][-1] == "authentication failed"
         d.stop()
         # The right secret: served.
-        d = Engine("kv_consumer", tiny_model_dir, port=next(_ports),
+        d = Engine("kv_consumer", tiny_model_dir, port=free_port(),
                    extra={"transport": "tcp", "secret": SECRET})
         engines.append(d)
         params = p.call(cmd="prefill", prompts=[PROMPTS[1]])["params"]

@@ -23,7 +23,6 @@ What it found on this machine (AMX_MLA, block size 32) is in the README,
 
 from __future__ import annotations
 
-import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from kvbridge.demo import tiny_model
-from test_vllm_connector import Engine
+from helpers.procs import Engine
+from kvbridge.serve.launch import free_port
 
 pytestmark = pytest.mark.vllm
 
@@ -57,7 +57,6 @@ TEXT_PROMPTS = [
 #: shares no block with the first).
 CONTROL_TEXT = ("Decimal fixed point and floating point arithmetic with correct rounding; "
                 "contexts set precision, rounding and traps for each thread. " * 4)  # 160
-_ports = itertools.count(17100 + (os.getpid() % 400) * 8)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +96,7 @@ def run_pair(model, connector: str, prompts: dict) -> dict:
 
         def env():
             return {"UCX_TLS": "self,sm,tcp", "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-                    "VLLM_NIXL_SIDE_CHANNEL_PORT": str(next(_ports)),
+                    "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
                     "PD_COMPARE_NIXL_PTHR_DELAY_US": "100",
                     "PD_COMPARE_NIXL_KEEP_AFFINITY": "1",
                     "PYTHONPATH": os.pathsep.join(
@@ -108,9 +107,9 @@ def run_pair(model, connector: str, prompts: dict) -> dict:
         def env():
             return {}
     opts = dict(block_size=BLOCK, **common)
-    p = Engine("kv_producer", model, env=env(), wait=False, port=next(_ports),
+    p = Engine("kv_producer", model, env=env(), wait=False, port=free_port(),
                prefix_caching=False, **opts)
-    d = Engine("kv_consumer", model, env=env(), wait=False, port=next(_ports),
+    d = Engine("kv_consumer", model, env=env(), wait=False, port=free_port(),
                digest_loads=True, **opts)
     try:
         with ThreadPoolExecutor(2) as pool:

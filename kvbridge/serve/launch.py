@@ -211,18 +211,22 @@ def stop_group(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
 
 
 def wait_http_healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path,
-                      name: str = "kvbridge proxy") -> None:
-    """Block until ``url``/health answers 200; raise with the log's tail if
-    ``proc`` exits first or ``timeout_s`` passes."""
+                      name: str = "kvbridge proxy", *, path: str = "/health",
+                      ok: tuple[int, ...] = (200,)) -> None:
+    """Block until ``url`` + ``path`` answers a status in ``ok``; raise with the
+    log's tail if ``proc`` exits first or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited {proc.returncode}:\n"
                                + Path(log_path).read_text(errors="replace")[-3000:])
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
+            with urllib.request.urlopen(url + path, timeout=2) as r:
+                if r.status in ok:
                     return
+        except urllib.error.HTTPError as e:  # a URLError: check it first
+            if e.code in ok:
+                return
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:

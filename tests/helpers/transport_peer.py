@@ -19,8 +19,12 @@ import os
 def make_cache(num_blocks: int, seed: int | None, *, block_size: int = 32, kv_heads: int = 2,
                head_size: int = 16, layers: int = 2, dtype: str = "bfloat16",
                model: str = "test-model", tp_size: int = 1, tp_rank: int = 0,
-               memory_layout: str = "LBHNC"):
-    """A paged cache of random bytes (``seed``) or zeros (``seed`` None).
+               memory_layout: str = "LBHNC", regions_per_layer: int = 1):
+    """A paged cache of random bytes (``seed``) or zeros (``seed`` None): the
+    one way tests build a ``PagedKVCache`` and its ``KVLayout``.
+
+    ``dtype`` is a torch dtype or its name; ``regions_per_layer`` > 1 gives
+    each layer that many tensors (K and V apart).
 
     With ``tp_size`` > 1 it is rank ``tp_rank``'s shard of the cache the same
     seed gives at TP 1: its heads (``kvbridge.cache.shard.rank_heads``) of every
@@ -32,12 +36,12 @@ def make_cache(num_blocks: int, seed: int | None, *, block_size: int = 32, kv_he
     from kvbridge.layout import KVLayout
     from kvbridge.cache.shard import rank_heads
 
-    tdtype = getattr(torch, dtype)
+    tdtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     first, count = rank_heads(kv_heads, tp_size, tp_rank)
     head_dim = 1 if memory_layout == "LBHNC" else 2
     regions = []
-    for _ in range(layers):
+    for _ in range(layers * regions_per_layer):
         shape = ((num_blocks, kv_heads, block_size, 2 * head_size) if head_dim == 1
                  else (num_blocks, block_size, kv_heads, 2 * head_size))
         t = torch.zeros(shape, dtype=tdtype)
@@ -48,7 +52,7 @@ def make_cache(num_blocks: int, seed: int | None, *, block_size: int = 32, kv_he
     layout = KVLayout.from_tensors(regions, model=model, block_size=block_size,
                                    num_kv_heads=kv_heads, head_size=head_size,
                                    memory_layout=memory_layout, tp_size=tp_size,
-                                   tp_rank=tp_rank)
+                                   tp_rank=tp_rank, regions_per_layer=regions_per_layer)
     return PagedKVCache(layout, regions)
 
 

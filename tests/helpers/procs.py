@@ -1,0 +1,221 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The processes tests start, one helper each, so every one is stopped the
+same way (and by its pid, with its process group where it has one).
+
+* ``Producer``   - a producer transport in its own process (``transport_peer``),
+                   driven over a pipe.
+* ``Engine``     - a vLLM engine in its own process (``vllm_pd.py``), driven
+                   over JSON lines.
+* ``HttpProcess`` - any HTTP server command (``kvbridge proxy``, ``vllm-router``)
+                   with its log, health-waited and stopped with
+                   ``kvbridge.serve.launch`` (as the vLLM API servers are).
+* ``sigstop``/``stopped`` - hold a process (SIGSTOP) until it really is
+                   stopped, and always let it go again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from kvbridge.serve.launch import free_port, stop_group, wait_http_healthy
+
+from helpers.transport_peer import producer_main
+
+HELPERS = Path(__file__).parent
+#: what a transport producer gets in its environment
+ENV = {"UCX_NET_DEVICES": "lo"}
+NUM_BLOCKS = 64
+
+
+def sigstop(pid: int) -> None:
+    """Stop ``pid`` and wait until it is stopped: the signal is asynchronous,
+    and a producer still running on the other core served a pull sent right
+    after ``kill`` (seen once under load)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop")
+
+
+@contextlib.contextmanager
+def stopped(pid: int):
+    """``pid`` held with SIGSTOP for the block, SIGCONT afterwards whatever happens."""
+    sigstop(pid)
+    try:
+        yield
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+class Producer:
+    """Handle on a producer process."""
+
+    def __init__(self, backend: str, cache_kw: dict | None = None, config_kw: dict | None = None,
+                 env: dict | None = None):
+        ctx = mp.get_context("spawn")
+        self.pipe, child = ctx.Pipe()
+        kw = dict(num_blocks=NUM_BLOCKS, seed=11)
+        kw.update(cache_kw or {})
+        self.proc = ctx.Process(target=producer_main,
+                                args=(child, backend, kw, config_kw or {}, {**ENV, **(env or {})}),
+                                daemon=True)
+        self.proc.start()
+        if not self.pipe.poll(180):  # spawn imports torch: slow on a loaded machine
+            self.kill()
+            raise RuntimeError("producer did not start")
+        self.address = self.pipe.recv()
+
+    def call(self, *cmd, timeout: float = 30):
+        self.pipe.send(cmd)
+        if not self.pipe.poll(timeout):
+            raise TimeoutError(f"producer did not answer {cmd[0]}")
+        return self.pipe.recv()
+
+    def publish(self, rid, ids, lease_s=None):
+        err = self.call("publish", rid, list(ids), lease_s)
+        assert err is None, err
+
+    def wait_released(self, timeout: float = 10) -> list:
+        """The (request_id, reason) releases polled until the first arrive."""
+        deadline = time.monotonic() + timeout
+        released: list = []
+        while time.monotonic() < deadline and not released:
+            released = self.call("poll")
+            time.sleep(0.05)
+        return released
+
+    def kill(self):
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(10)
+
+    def stop(self):
+        if self.proc.is_alive():
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)
+                self.call("stop", timeout=10)
+            except (TimeoutError, OSError, EOFError, BrokenPipeError):
+                pass
+        self.proc.join(10)
+        self.kill()
+
+
+class Engine:
+    """A vLLM engine in its own process (``helpers/vllm_pd.py``), driven over
+    stdin/stdout. Started in its own session and stopped with its group."""
+
+    def __init__(self, role: str, model, *, env: dict | None = None, wait: bool = True,
+                 **opts):
+        """``env``: added to the process environment; ``wait=False`` returns
+        once started (call ``wait_ready`` - to start several engines at once)."""
+        self.log: list[str] = []
+        env = {**os.environ, "UCX_NET_DEVICES": "lo", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HELPERS / "vllm_pd.py"), role, str(model), json.dumps(opts)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env, start_new_session=True)
+        self._replies: list[dict] = []
+        self._cv = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.ready: dict | None = None
+        if wait:
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop()
+                raise
+
+    def wait_ready(self, timeout: float = 180) -> dict:
+        if self.ready is None:
+            self.ready = self.wait_reply(timeout)
+        return self.ready
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            with self._cv:
+                if line.startswith("@@"):
+                    self._replies.append(json.loads(line[2:]))
+                else:
+                    self.log.append(line)
+                self._cv.notify_all()
+        with self._cv:
+            self._cv.notify_all()
+
+    def wait_reply(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while not self._replies:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None and not self._replies:
+                    raise RuntimeError(f"engine gave no reply (exit {self.proc.poll()}):\n"
+                                       + "".join(self.log[-40:]))
+                self._cv.wait(min(left, 0.5))
+            return self._replies.pop(0)
+
+    def call(self, timeout: float = 120, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.wait_reply(timeout)
+
+    def logs(self) -> str:
+        with self._cv:
+            return "".join(self.log)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"cmd": "exit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        stop_group(self.proc)  # SIGTERM, then SIGKILL, to the engine and its children
+
+
+class HttpProcess:
+    """An HTTP server command on a free port of 127.0.0.1 (``{port}`` in
+    ``args`` is replaced), its output in ``log_dir``. ``wait`` blocks until
+    ``health_path`` answers one of ``ok`` (see ``wait_http_healthy``)."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path | None = None, *,
+                 wait: bool = True, health_path: str = "/health", ok=(200,),
+                 timeout_s: float = 60):
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir or "/tmp") / f"{name}-{self.port}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([a.replace("{port}", str(self.port)) for a in args],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        if wait:
+            try:
+                wait_http_healthy(self.proc, self.url, timeout_s, self.log_path, name,
+                                  path=health_path, ok=ok)
+            except BaseException:
+                self.stop()
+                raise
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        stop_group(self.proc)
+        self.log.close()
