@@ -29,7 +29,10 @@ import numpy as np
 from kvbridge import protocol as P
 from kvbridge.cache.blocks import run_starts
 from kvbridge.cache.shard import BlockSlice, paired_slices
-from kvbridge.transport.base import PeerConnection, ServerConn, TransferHandle, Transport
+from kvbridge.transport.base import Transport
+from kvbridge.transport.client import PeerConnection
+from kvbridge.transport.handle import TransferHandle
+from kvbridge.transport.server import ServerConn
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _readv = _libc.process_vm_readv

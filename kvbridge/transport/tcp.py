@@ -18,7 +18,10 @@ from collections.abc import Callable
 from kvbridge.cache import checksum
 from kvbridge import protocol as P
 from kvbridge.cache.shard import BlockSlice
-from kvbridge.transport.base import PeerConnection, ServerConn, TransferHandle, Transport
+from kvbridge.transport.base import Transport
+from kvbridge.transport.client import PeerConnection
+from kvbridge.transport.handle import TransferHandle
+from kvbridge.transport.server import ServerConn
 
 #: Most buffers one sendmsg/recvmsg_into call takes (Linux IOV_MAX).
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
