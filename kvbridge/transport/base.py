@@ -34,10 +34,11 @@ from kvbridge import protocol as P
 from kvbridge.cache.blocks import PagedKVCache
 from kvbridge.cache.shard import BlockSlice
 from kvbridge.errors import ErrorCode
-from kvbridge.transport.client import ConsumerSide, PeerConnection
+from kvbridge.transport.client import ConsumerSide
 from kvbridge.transport.config import TransportConfig
 from kvbridge.transport.handle import TransferHandle
 from kvbridge.transport.leases import LeaseTable
+from kvbridge.transport.peer import PeerConnection
 from kvbridge.transport.server import ProducerSide, ServerConn
 from kvbridge.transport.stats import TransportStats
 

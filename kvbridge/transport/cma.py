@@ -31,9 +31,14 @@ from kvbridge.cache.blocks import run_starts
 from kvbridge.cache.shard import BlockSlice, paired_slices
 from kvbridge.errors import ErrorCode
 from kvbridge.transport.base import Transport
-from kvbridge.transport.client import PeerConnection
-from kvbridge.transport.direct import check_grant, parse_regions, region_info, send_grant
+from kvbridge.transport.direct import (
+    check_grant,
+    parse_regions,
+    region_info,
+    send_grant,
+)
 from kvbridge.transport.handle import TransferHandle
+from kvbridge.transport.peer import PeerConnection
 from kvbridge.transport.server import ServerConn
 
 _libc = ctypes.CDLL(None, use_errno=True)

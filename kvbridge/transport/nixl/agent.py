@@ -13,8 +13,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from kvbridge.transport.nixl.config import (BACKEND, IDLE_POLL_S, NOTIF_POLL_S,
-                                            PROGRESS_THREAD, SPIN_S, UCX_ERROR_MODE)
+from kvbridge.transport.nixl.config import (
+    BACKEND,
+    IDLE_POLL_S,
+    NOTIF_POLL_S,
+    PROGRESS_THREAD,
+    SPIN_S,
+    UCX_ERROR_MODE,
+)
 
 try:
     # nixl's logging setup turns logging.raiseExceptions off for the whole

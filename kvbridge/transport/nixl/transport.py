@@ -17,13 +17,23 @@ from kvbridge import protocol as P
 from kvbridge.cache.shard import paired_slices
 from kvbridge.errors import ErrorCode
 from kvbridge.transport.base import Transport
-from kvbridge.transport.client import PeerConnection
-from kvbridge.transport.direct import check_grant, parse_regions, region_info, send_grant
+from kvbridge.transport.direct import (
+    check_grant,
+    parse_regions,
+    region_info,
+    send_grant,
+)
 from kvbridge.transport.handle import TransferHandle
 from kvbridge.transport.nixl.agent import _IMPORT_ERROR, AgentThread, Read
 from kvbridge.transport.nixl.config import BACKEND, CLOSE_GRACE_S, LIVENESS_S
-from kvbridge.transport.nixl.descriptors import (PeerData, agent_key, agent_label, block_descs,
-                                                 read_indices)
+from kvbridge.transport.nixl.descriptors import (
+    PeerData,
+    agent_key,
+    agent_label,
+    block_descs,
+    read_indices,
+)
+from kvbridge.transport.peer import PeerConnection
 from kvbridge.transport.server import ServerConn
 
 logger = logging.getLogger("kvbridge.transport")
