@@ -318,7 +318,7 @@ def test_publish_is_idempotent_and_never_revives_a_read_request(backend, produce
 
 
 def test_control_client_publishes_without_the_engine(backend, producers, consumers):
-    from kvbridge.transport.base import ControlClient
+    from kvbridge.vllm.control import ControlClient
 
     prod = producers(backend)
     cons = consumers(backend)

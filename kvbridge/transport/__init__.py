@@ -16,14 +16,11 @@ from __future__ import annotations
 import importlib
 
 from kvbridge.cache.blocks import PagedKVCache
-from kvbridge.transport.base import (
-    LeaseTable,
-    TransferError,
-    TransferHandle,
-    TransferState,
-    Transport,
-    TransportConfig,
-)
+from kvbridge.errors import TransferError
+from kvbridge.transport.base import Transport
+from kvbridge.transport.config import TransportConfig
+from kvbridge.transport.handle import TransferHandle, TransferState
+from kvbridge.transport.leases import LeaseTable
 
 #: name -> "module:Class"
 BACKENDS = {

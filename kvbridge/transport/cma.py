@@ -29,7 +29,17 @@ import numpy as np
 from kvbridge import protocol as P
 from kvbridge.cache.blocks import run_starts
 from kvbridge.cache.shard import BlockSlice, paired_slices
-from kvbridge.transport.base import PeerConnection, ServerConn, TransferHandle, Transport
+from kvbridge.errors import ErrorCode
+from kvbridge.transport.base import Transport
+from kvbridge.transport.direct import (
+    check_grant,
+    parse_regions,
+    region_info,
+    send_grant,
+)
+from kvbridge.transport.handle import TransferHandle
+from kvbridge.transport.peer import PeerConnection
+from kvbridge.transport.server import ServerConn
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _readv = _libc.process_vm_readv
@@ -97,9 +107,7 @@ class CmaTransport(Transport):
             pass
 
     def _server_info(self) -> dict:
-        return {"pid": os.getpid(), **host_identity(),
-                "regions": [[addr, stride] for addr, stride, _ in self.cache.region_addresses()],
-                "num_blocks": self.cache.num_blocks}
+        return {"pid": os.getpid(), **host_identity(), **region_info(self.cache)}
 
     def _client_info(self) -> dict:
         return host_identity()
@@ -113,8 +121,7 @@ class CmaTransport(Transport):
 
     def _send_pull(self, conn, grant: P.PullGrant, ids: list[int], state: ServerConn,
                    block_slice=None) -> None:
-        P.send_message(conn, grant)
-        self.stats.bytes_served += grant.nbytes
+        send_grant(self, conn, grant)
 
     # -- consumer --
     def _connect_data(self, conn: PeerConnection):
@@ -123,7 +130,7 @@ class CmaTransport(Transport):
         if info.get("boot_id") != mine["boot_id"] or info.get("pidns") != mine["pidns"]:
             raise ValueError("producer is not on this host / PID namespace")
         pid = int(info["pid"])
-        regions = [(int(a), int(s)) for a, s in info["regions"]]
+        regions, num_blocks = parse_regions(info)
         # Probe once so a permission problem is a handshake error, not a failed pull.
         probe = ctypes.create_string_buffer(1)
         try:
@@ -133,24 +140,19 @@ class CmaTransport(Transport):
                 f"cannot read producer pid {pid}'s memory ({e.strerror}); the cma transport "
                 "needs the same user and ptrace permission (see /proc/sys/kernel/yama/"
                 "ptrace_scope) - use tcp or nixl instead") from None
-        return {"pid": pid, "regions": regions, "num_blocks": int(info["num_blocks"])}
+        return {"pid": pid, "regions": regions, "num_blocks": num_blocks}
 
     def _receive_pull(self, conn: PeerConnection, handle: TransferHandle,
                       grant: P.PullGrant) -> bool:
-        if handle.cancel_requested:
-            return False
-        if grant.nbytes != handle.nbytes:
-            raise P.ProtocolError(f"grant of {grant.nbytes} bytes for a {handle.nbytes}-byte pull")
         data = conn.data
-        if any(b >= data["num_blocks"] for b in handle.remote_ids):
-            handle.error = "remote block id beyond the producer's cache"
+        if not check_grant(handle, grant, data["num_blocks"]):
             return False
         try:
             remote_sl, local_sl = paired_slices(handle.remote_slice, handle.local_slice,
                                                 conn.remote_layout.block_bytes,
                                                 self.layout.block_bytes)
         except ValueError as e:
-            handle.error = f"TP slices do not pair: {e}"
+            handle._set_error(f"TP slices do not pair: {e}", ErrorCode.LAYOUT)
             return False
         batches = self._batches(data["regions"], conn.remote_layout.block_bytes, remote_sl,
                                 handle.remote_ids, local_sl, handle.local_ids)
@@ -163,7 +165,8 @@ class CmaTransport(Transport):
                 for local, remote in batches:
                     read_remote(data["pid"], local, remote)
         except OSError as e:
-            handle.error = f"reading producer memory failed: {e.strerror or e}"
+            handle._set_error(f"reading producer memory failed: {e.strerror or e}",
+                              ErrorCode.TRANSFER)
             return False
         return True
 

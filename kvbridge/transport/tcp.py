@@ -15,10 +15,13 @@ import socket
 import time
 from collections.abc import Callable
 
-from kvbridge.cache import checksum
 from kvbridge import protocol as P
+from kvbridge.cache import checksum
 from kvbridge.cache.shard import BlockSlice
-from kvbridge.transport.base import PeerConnection, ServerConn, TransferHandle, Transport
+from kvbridge.transport.base import Transport
+from kvbridge.transport.handle import TransferHandle
+from kvbridge.transport.peer import PeerConnection
+from kvbridge.transport.server import ServerConn
 
 #: Most buffers one sendmsg/recvmsg_into call takes (Linux IOV_MAX).
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024

@@ -40,7 +40,7 @@ from vllm.logger import init_logger
 from kvbridge import protocol as P
 from kvbridge.layout import KVLayout
 from kvbridge.protocol import PROTOCOL_VERSION
-from kvbridge.transport.base import ControlClient
+from kvbridge.vllm.control import ControlClient
 from kvbridge.vllm.config import KVBridgeConfig
 from kvbridge.vllm.metadata import (
     KVBridgeConnectorMetadata,

@@ -1,0 +1,280 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The producer side of every transport: the control listener (accept,
+handshake), publishing and leasing blocks, and granting each consumer's pulls.
+
+``ProducerSide`` is a mixin of ``Transport``; it uses the state ``Transport``
+sets up (``config``, ``leases``, ``stats``...) and calls its backend hooks."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvbridge import protocol as P
+from kvbridge.cache import checksum
+from kvbridge.cache.blocks import BlockIdError
+from kvbridge.cache.shard import BlockSlice
+from kvbridge.errors import UnknownRequestError
+from kvbridge.layout import LayoutMismatchError, check_pairable
+
+logger = logging.getLogger("kvbridge.transport")
+
+#: ``Handshake.backend`` of a control client (see ``kvbridge.vllm.control``).
+CONTROL_BACKEND = "control"
+
+
+@dataclass
+class ServerConn:
+    """Producer side of one consumer connection."""
+
+    sock: socket.socket
+    peer: str
+    #: reads granted and not yet confirmed: xfer_id -> request_id. Ended (not
+    #: as read) if the connection drops, so a dead consumer strands nothing.
+    granted: dict = field(default_factory=dict)
+    #: whatever the backend keeps per consumer
+    backend: object = None
+    #: a control client (the producer's scheduler): may only Publish
+    control: bool = False
+    #: the consumer's layout was refused: it may only Release
+    refused: bool = False
+
+
+class ProducerSide:
+    """Serve, publish, release, and answer consumers (a ``Transport`` mixin)."""
+
+    @property
+    def address(self) -> str:
+        """``host:port`` consumers dial (after ``serve()``)."""
+        if self._listener is None:
+            raise RuntimeError("serve() first")
+        host = self.config.advertise_host or self.config.host
+        return f"{host}:{self._listener.getsockname()[1]}"
+
+    def serve(self) -> str:
+        """Start the control listener (idempotent); returns ``address``."""
+        if self._listener is not None:
+            return self.address
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.host, self.config.port))
+        sock.listen(128)
+        self._listener = sock
+        t = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
+        t.start()
+        self._server_threads.append(t)
+        self._reaper = threading.Thread(target=self._reap_loop, name=f"{self.name}-leases",
+                                        daemon=True)
+        self._reaper.start()
+        self._start_producer()
+        return self.address
+
+    def publish(self, request_id: str, block_ids: Sequence[int], *,
+                num_tokens: int | None = None, lease_s: float | None = None) -> bool:
+        """Hold ``block_ids`` of ``request_id`` for a consumer to read; False if
+        it is held already or has ended (idempotent)."""
+        ids = self.cache.validate(block_ids, num_tokens)
+        # Serialized, so the scheduler's publish and the worker's of the same
+        # request (arriving together) stage and digest the blocks once.
+        with self._publish_lock:
+            if self.leases.known(request_id):
+                return self.leases.publish(request_id, ids, lease_s)
+            if self.before_publish is not None:
+                self.before_publish(ids)
+            digests = (checksum.block_digests(self.cache, ids)
+                       if self.config.checksum and checksum.supported(self.cache) else None)
+            return self.leases.publish(request_id, ids, lease_s, digests)
+
+    def release(self, request_id: str) -> bool:
+        """Stop holding a request's blocks (abort); True if they were held."""
+        return self.leases.release(request_id)
+
+    def poll_released(self) -> list[tuple[str, str]]:
+        """(request_id, reason) whose blocks the engine may now free."""
+        self.leases.expire()
+        return self.leases.poll()
+
+    def _reap_loop(self) -> None:
+        while not self._closing.wait(0.5):
+            self.leases.expire()
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._closing.is_set():
+            try:
+                conn, addr = self._listener.accept()
+            except OSError:
+                return
+            self._tune(conn)
+            self._server_conns.add(conn)
+            t = threading.Thread(target=self._serve_conn, args=(conn, addr),
+                                 name=f"{self.name}-conn-{addr[1]}", daemon=True)
+            t.start()
+
+    def _serve_conn(self, conn: socket.socket, addr) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        state = ServerConn(conn, peer)
+        try:
+            conn.settimeout(self.config.handshake_timeout_s)
+            if not self._server_handshake(conn, peer, state):
+                return
+            # Idle consumers may wait between pulls (blocking recv), but one
+            # that stops reading mid-transfer must not hold this thread and
+            # its leases forever: sends time out.
+            conn.settimeout(None)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            struct.pack("ll", int(self.config.transfer_timeout_s), 0))
+            while not self._closing.is_set():
+                msg = P.recv_message(conn)
+                if isinstance(msg, P.Release) and not state.control:
+                    self._handle_release(msg, peer)
+                elif state.refused:
+                    raise P.ProtocolError(f"a refused consumer may only Release, got "
+                                          f"{type(msg).__name__}")
+                elif state.control:
+                    if not isinstance(msg, P.Publish):
+                        raise P.ProtocolError(f"a control connection may only Publish, got "
+                                              f"{type(msg).__name__}")
+                    self._handle_publish(msg)
+                elif isinstance(msg, P.Pull):
+                    self._handle_pull(conn, msg, state)
+                elif isinstance(msg, P.ReadDone):
+                    request_id = state.granted.pop(msg.xfer_id, None)
+                    if request_id is None:
+                        raise P.ProtocolError(f"ReadDone for transfer {msg.xfer_id}, which "
+                                              "was never granted")
+                    self.leases.end_read(request_id, msg.ok)
+                    self._on_read_done(msg, state)
+                else:
+                    raise P.ProtocolError(f"unexpected {type(msg).__name__} after handshake")
+        except P.PeerClosed:
+            pass
+        except (P.ProtocolError, socket.timeout) as e:
+            self.stats.protocol_errors += 1
+            logger.warning("kvbridge: closing connection from %s: %s", peer, e)
+            self._try_send(conn, P.Error("protocol", str(e)))
+        except OSError as e:
+            if not self._closing.is_set():
+                logger.info("kvbridge: connection from %s ended: %s", peer, e)
+        except Exception as e:  # noqa: BLE001 - one bad peer never kills the listener
+            self.stats.protocol_errors += 1
+            logger.exception("kvbridge: closing connection from %s after an internal error",
+                             peer)
+            self._try_send(conn, P.Error("internal", f"{type(e).__name__}: {e}"[:500]))
+        finally:
+            for request_id in state.granted.values():
+                self.leases.end_read(request_id, ok=False)
+            self._server_conns.discard(conn)
+            self._server_conn_closed(state)
+            conn.close()
+
+    def _try_send(self, conn: socket.socket, msg: P.Message) -> None:
+        try:
+            P.send_message(conn, msg)
+        except OSError:
+            pass
+
+    def _server_handshake(self, conn: socket.socket, peer: str, state: ServerConn) -> bool:
+        hello = P.recv_message(conn, P.MAX_HANDSHAKE_BYTES)
+        if not isinstance(hello, P.Hello):
+            raise P.ProtocolError(f"expected Hello, got {type(hello).__name__}")
+        if hello.protocol_version != P.PROTOCOL_VERSION:
+            msg = (f"unsupported protocol version {hello.protocol_version}; this producer "
+                   f"speaks {P.PROTOCOL_VERSION}")
+            self._refuse(peer, msg)
+            self._try_send(conn, P.Error("version", msg))
+            return False
+        nonce = P.new_nonce()
+        P.send_message(conn, P.Challenge(P.PROTOCOL_VERSION, nonce, self.secret is not None))
+        hs = P.recv_message(conn, P.MAX_HANDSHAKE_BYTES)
+        if not isinstance(hs, P.Handshake):
+            raise P.ProtocolError(f"expected Handshake, got {type(hs).__name__}")
+        if not P.verify_mac(self.secret, hs.mac, b"client", nonce, hello.nonce):
+            self._refuse(peer, "authentication failed")
+            # Say nothing about ourselves: no layout, no backend info.
+            self._try_send(conn, P.Error("auth", "authentication failed: wrong or missing "
+                                                 "shared secret"))
+            return False
+        state.control = hs.backend == CONTROL_BACKEND
+        if hs.backend != self.name and not state.control:
+            msg = f"consumer uses transport {hs.backend!r}, this producer serves {self.name!r}"
+            self._refuse(peer, msg)
+            self._try_send(conn, P.Error("backend", msg))
+            return False
+        try:
+            check_pairable(self.layout, hs.layout)
+        except LayoutMismatchError as e:
+            self._refuse(peer, str(e))
+            self._try_send(conn, P.Error("layout", str(e), layout=self.layout))
+            # Authenticated but incompatible: keep the connection for Release
+            # only, so the consumer can hand back what it will never read.
+            state.refused = not state.control
+            return state.refused
+        try:
+            # A control client moves no bytes: no per-consumer backend state.
+            state.backend = None if state.control else self._server_accept_peer(hs.info)
+        except Exception as e:  # backend refused (e.g. not the same host)
+            self._refuse(peer, str(e))
+            self._try_send(conn, P.Error("backend", str(e)))
+            return False
+        P.send_message(conn, P.HandshakeAccept(self.layout, P.mac(self.secret, b"server",
+                                                                   hello.nonce, nonce),
+                                               {**self._server_info(),
+                                                "instance": self.instance_id}))
+        return True
+
+    def _handle_release(self, msg: P.Release, peer: str) -> None:
+        self.stats.releases_received += 1
+        if self.leases.release(msg.request_id):
+            logger.info("kvbridge: consumer %s released request %s unread (%s)", peer,
+                        msg.request_id, msg.reason or "no reason given")
+
+    def _handle_publish(self, msg: P.Publish) -> None:
+        try:
+            self.publish(msg.request_id, msg.block_ids, num_tokens=msg.num_tokens)
+        except ValueError as e:  # bad ids: the worker's own publish will say why
+            logger.warning("kvbridge: control Publish of %s refused: %s", msg.request_id, e)
+        except Exception as e:  # noqa: BLE001 - a failed before_publish hook (staging)
+            logger.error("kvbridge: control Publish of %s failed: %s", msg.request_id, e)
+
+    def _refuse(self, peer: str, reason: str) -> None:
+        self.stats.handshakes_refused += 1
+        self.refusals.append(reason)
+        logger.error("kvbridge: refusing consumer %s: %s", peer, reason)
+
+    def _handle_pull(self, conn: socket.socket, pull: P.Pull, state: ServerConn) -> None:
+        if pull.xfer_id in state.granted:
+            raise P.ProtocolError(f"transfer id {pull.xfer_id} is already in flight")
+        try:
+            ids = self.cache.validate(pull.block_ids)
+            sl = None
+            if pull.slice is not None:
+                try:
+                    sl = BlockSlice(*pull.slice)
+                    sl.check(self.layout.block_bytes)
+                except (TypeError, ValueError) as e:
+                    raise BlockIdError(f"bad block slice {pull.slice}: {e}") from None
+                if sl.is_whole(self.layout.block_bytes):
+                    sl = None
+            digests = self.leases.begin_read(pull.request_id, ids, max(1, pull.readers))
+        except UnknownRequestError as e:
+            if e.code != "not_published":
+                logger.warning("kvbridge: refusing pull %d: %s", pull.xfer_id, e.args[0])
+            P.send_message(conn, P.PullError(pull.xfer_id, e.args[0], e.code))
+            return
+        except BlockIdError as e:
+            logger.warning("kvbridge: refusing pull %d: %s", pull.xfer_id, e)
+            P.send_message(conn, P.PullError(pull.xfer_id, str(e), "blocks"))
+            return
+        self.stats.pulls_served += 1
+        state.granted[pull.xfer_id] = pull.request_id
+        if sl is not None and digests:
+            # Published digests cover whole blocks: digest the slice sent.
+            digests = checksum.block_digests(self.cache, ids, sl)
+        grant = P.PullGrant(pull.xfer_id, self.cache.staging_bytes(len(ids), sl), digests)
+        self._send_pull(conn, grant, ids, state, sl)
+
