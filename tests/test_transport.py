@@ -332,6 +332,36 @@ def test_control_client_publishes_without_the_engine(backend, producers, consume
         ctl.close()
 
 
+def test_control_publish_the_transport_cannot_carry_out_is_refused(backend, producers,
+                                                                   consumers):
+    """The scheduler's control publish is the only publish: one that fails
+    (here: block ids out of range) comes back as the request released with
+    reason "refused", so the engine frees its blocks, and a consumer reading
+    it fails at once with code "ended" instead of waiting for a publish."""
+    from kvbridge.errors import ErrorCode
+    from kvbridge.vllm.control import ControlClient
+
+    prod = producers(backend)
+    cons = consumers(backend)
+    ctl = ControlClient(prod.address, cons.layout, None)
+    try:
+        assert ctl.publish("bad-req", [5, 10**6], None)  # sent; the transport refuses it
+        assert prod.wait_released() == [("bad-req", "refused")]
+        t0 = time.monotonic()
+        h = cons.pull(prod.address, "bad-req", [5, 6], [7, 8])
+        assert h.wait(30) == TransferState.FAILED
+        assert h.error_code == ErrorCode.ENDED and "refused at publish" in h.error
+        assert time.monotonic() - t0 < 5, "the consumer waited for a publish that never comes"
+        # A request published, then released by the scheduler over the same
+        # connection (another rank failed): freed at once, never readable.
+        assert ctl.publish("dropped", [5, 6], None)
+        assert ctl.release("dropped", "publish failed on another rank")
+        assert prod.wait_released() == [("dropped", "released")]
+        assert prod.call("held") == {}
+    finally:
+        ctl.close()
+
+
 # ---------------------------------------------------------------- tensor parallelism
 @pytest.mark.parametrize("tp_prod,tp_cons,memory_layout", [
     (1, 2, "LBHNC"), (2, 1, "LBHNC"), (2, 4, "LBNHC"), (4, 2, "LBNHC")])

@@ -164,6 +164,8 @@ def test_refused_pair_fails_every_request_and_the_engine_lives(producer, decode,
     log = d.log_path.read_text(errors="replace")
     for f in fields:
         assert f in log
+    # The failure report carries the error's code, not only its text.
+    assert ": [layout] handshake with " in log and "refused: KV layout mismatch" in log
     # Each refused request was handed back: the producer holds nothing now,
     # long before its 300 s lease would end.
     producer_freed(producer)
@@ -195,7 +197,8 @@ def test_flipped_byte_is_caught_and_recomputed_token_identically(producer, decod
     assert r.json()["choices"][0]["text"] == want
     after = sources(d.url)
     assert after["local_compute"] > before.get("local_compute", 0)
-    assert "checksum mismatch: 1 of" in d.log_path.read_text(errors="replace")
+    log = d.log_path.read_text(errors="replace")
+    assert "checksum mismatch: 1 of" in log and "[checksum]" in log
     assert_alive(d)
     producer_freed(producer)
 

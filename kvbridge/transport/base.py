@@ -85,12 +85,7 @@ class Transport(ProducerSide, ConsumerSide):
 
     def _tune(self, sock: socket.socket) -> None:
         """Socket options of every control connection, either side."""
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, self.config.socket_buffer_bytes)
-            except OSError:
-                pass
+        P.tune_socket(sock, self.config.socket_buffer_bytes)
 
     # ------------------------------------------------------------------ lifecycle
     def metrics(self) -> dict:

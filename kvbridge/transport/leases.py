@@ -35,8 +35,9 @@ class _Lease:
 class LeaseTable:
     """Blocks a producer holds for consumers, and why each was let go.
 
-    A request is released exactly once, with reason ``"read"``, ``"expired"``
-    or ``"released"`` (the engine let go of it: aborted, or freed by hand).
+    A request is released exactly once, with reason ``"read"``, ``"expired"``,
+    ``"released"`` (the engine let go of it: aborted, or freed by hand) or
+    ``"refused"`` (its publish failed: it was never readable).
     ``poll_released`` hands those events to the engine, which frees the blocks.
     """
 
@@ -52,8 +53,8 @@ class LeaseTable:
     def publish(self, request_id: str, block_ids: Sequence[int],
                 lease_s: float | None = None, digests: Sequence[int] | None = None) -> bool:
         """Hold ``block_ids``; False (and nothing changes) if the request is
-        held already or has ended - a second publish of the same request (the
-        scheduler's and the worker's) must never resurrect freed blocks."""
+        held already or has ended - a publish repeated after a read, a release
+        or a refusal must never resurrect freed blocks."""
         with self._lock:
             held = self._leases.get(request_id)
             if held is not None:
@@ -66,6 +67,16 @@ class LeaseTable:
             self._leases[request_id] = _Lease(
                 request_id, list(block_ids), time.monotonic() + (lease_s or self.lease_s),
                 digests=None if digests is None else dict(zip(block_ids, digests)))
+            return True
+
+    def refuse(self, request_id: str) -> bool:
+        """A publish of ``request_id`` failed before it was held: report it
+        released (``"refused"``) so the engine frees its blocks, and tell a
+        consumer that reads it that it is gone. False if it is held or ended."""
+        with self._lock:
+            if request_id in self._leases or request_id in self._ended:
+                return False
+            self._release_locked(request_id, "refused")
             return True
 
     def known(self, request_id: str) -> bool:
@@ -136,7 +147,8 @@ class LeaseTable:
         self._leases.pop(request_id, None)
         self._events.append((request_id, reason))
         self._ended[request_id] = {"read": "read", "expired": "expired by lease",
-                                   "released": "released"}[reason]
+                                   "released": "released",
+                                   "refused": "refused at publish"}[reason]
         while len(self._ended) > 8192:
             self._ended.popitem(last=False)
 

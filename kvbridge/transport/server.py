@@ -130,15 +130,15 @@ class ProducerSide:
                             struct.pack("ll", int(self.config.transfer_timeout_s), 0))
             while not self._closing.is_set():
                 msg = P.recv_message(conn)
-                if isinstance(msg, P.Release) and not state.control:
+                if isinstance(msg, P.Release):
                     self._handle_release(msg, peer)
                 elif state.refused:
                     raise P.ProtocolError(f"a refused consumer may only Release, got "
                                           f"{type(msg).__name__}")
                 elif state.control:
                     if not isinstance(msg, P.Publish):
-                        raise P.ProtocolError(f"a control connection may only Publish, got "
-                                              f"{type(msg).__name__}")
+                        raise P.ProtocolError(f"a control connection may only Publish or "
+                                              f"Release, got {type(msg).__name__}")
                     self._handle_publish(msg)
                 elif isinstance(msg, P.Pull):
                     self._handle_pull(conn, msg, state)
@@ -234,12 +234,17 @@ class ProducerSide:
                         msg.request_id, msg.reason or "no reason given")
 
     def _handle_publish(self, msg: P.Publish) -> None:
+        """The scheduler's publish, the only one a vLLM producer makes: if it
+        fails, the request is reported released ("refused") so the engine
+        frees its blocks, and a consumer that reads it hears it is gone."""
         try:
             self.publish(msg.request_id, msg.block_ids, num_tokens=msg.num_tokens)
-        except ValueError as e:  # bad ids: the worker's own publish will say why
-            logger.warning("kvbridge: control Publish of %s refused: %s", msg.request_id, e)
+            return
+        except ValueError as e:  # bad block ids
+            logger.error("kvbridge: control Publish of %s refused: %s", msg.request_id, e)
         except Exception as e:  # noqa: BLE001 - a failed before_publish hook (staging)
             logger.error("kvbridge: control Publish of %s failed: %s", msg.request_id, e)
+        self.leases.refuse(msg.request_id)
 
     def _refuse(self, peer: str, reason: str) -> None:
         self.stats.handshakes_refused += 1

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``ControlClient``: the scheduler's shortcut to publish finished requests on
-its own producer's transport listener (same host), ahead of the worker's step."""
+"""``ControlClient``: how a producer engine's scheduler publishes finished
+requests on its workers' transport listeners (same host), the moment they
+finish rather than at the engine's next step."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ logger = logging.getLogger("kvbridge.transport")
 
 
 class ControlClient:
-    """Publishes a producer's finished requests straight to its transport's
-    listener (same host), so blocks are readable before the engine's next step.
+    """Publishes (and, when another rank failed, releases) a producer's
+    finished requests on one worker rank's transport listener.
 
-    Used by KVBridgeConnector's scheduler side. Failures are logged and the
-    connection is retried on the next publish; the worker's own step-based
-    publish stays as the fallback, so nothing depends on this path.
+    Used by KVBridgeConnector's scheduler side; it is the only publish. A
+    send is retried once on a fresh connection; ``publish`` returns False
+    when both tries failed, and the scheduler then frees the request's blocks
+    itself. A publish the transport cannot carry out (bad ids, a failed host
+    staging copy) comes back as the request released with reason "refused".
     """
 
     def __init__(self, address: str, layout: KVLayout, secret: bytes | None,
@@ -36,7 +39,14 @@ class ControlClient:
 
     def publish(self, request_id: str, block_ids: Sequence[int],
                 num_tokens: int | None = None) -> bool:
-        msg = P.Publish(request_id, [int(b) for b in block_ids], num_tokens)
+        """Send Publish; False if it could not be sent (logged)."""
+        return self._send(P.Publish(request_id, [int(b) for b in block_ids], num_tokens))
+
+    def release(self, request_id: str, reason: str) -> bool:
+        """Send Release (the request will not be read); False if it could not be sent."""
+        return self._send(P.Release(request_id, reason))
+
+    def _send(self, msg: P.Message) -> bool:
         with self._lock:
             for attempt in (1, 2):
                 try:
@@ -47,9 +57,8 @@ class ControlClient:
                 except (OSError, P.ProtocolError, P.PeerRefused) as e:
                     self.close_locked()
                     if attempt == 2:
-                        logger.warning("kvbridge: control publish of %s to %s failed: %s "
-                                       "(the worker publishes at its next step)", request_id,
-                                       self.address, e)
+                        logger.warning("kvbridge: control %s of %s to %s failed: %s",
+                                       type(msg).__name__, msg.request_id, self.address, e)
         return False
 
     def _connect(self) -> None:

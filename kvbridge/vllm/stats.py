@@ -27,8 +27,12 @@ class KVBridgeKVConnectorStats(KVConnectorStats):
         self.data["bytes_transferred"] += nbytes
         self.data["transfer_seconds"] += seconds
 
-    def record_failure(self) -> None:
+    def record_failure(self, codes=()) -> None:
+        """One failed load; ``codes``: the ``ErrorCode`` of each failed pull
+        (counted as ``failed_<code>``, so failures are told apart by kind)."""
         self.data["num_failed_transfers"] += 1
+        for code in set(codes):
+            self.bump(f"failed_{code}")
 
     def bump(self, key: str, n: int = 1) -> None:
         self.data[key] = self.data.get(key, 0) + n
@@ -50,6 +54,8 @@ class KVBridgeKVConnectorStats(KVConnectorStats):
             "Throughput (GB/s)": round(d.get("bytes_transferred", 0) / secs / 1e9, 3)
             if secs else 0,
             "Expired leases": d.get("num_expired_leases", 0),
+            **{f"Failed ({k[len('failed_'):]})": v for k, v in sorted(d.items())
+               if k.startswith("failed_") and v},
             **({"Host staging blocks d2h": d.get("staged_to_host", 0),
                 "Host staging blocks h2d": d.get("staged_to_device", 0),
                 "Host staging time (ms)": round(1e3 * d.get("staging_seconds", 0.0), 3)}

@@ -301,14 +301,15 @@ class KVBridgeWorker:
             # Rule 3: blocks the producer never sent (logged when scheduled).
             self._report_load_error(req_id, spec.missing_local_ids)
             return
-        self._stats.record_failure()
         failed = [h for h in load.handles if h.state != TransferState.DONE]
+        self._stats.record_failure(str(h.error_code) for h in failed if h.error_code)
         bad = list(spec.local_block_ids)
         if failed and all(h.invalid_local_ids for h in failed):
             self._stats.bump("num_checksum_failures")
             bad = sorted({b for h in failed for b in h.invalid_local_ids})
         self._report_load_error(req_id, bad + list(spec.missing_local_ids))
-        errors = [f"{h.peer}: {h.error}" for h in failed if h.error] or [load.error]
+        errors = [f"{h.peer}: [{h.error_code}] {h.error}" for h in failed if h.error] \
+            or [load.error]
         logger.error("KVBridgeConnector: load of request %s failed: %s (remote request %s, "
                      "%d of %d blocks reported as load errors)", req_id, "; ".join(
                          e for e in errors if e), spec.remote_request_id,
