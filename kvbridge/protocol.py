@@ -41,8 +41,10 @@ done. Empty when the producer does not checksum.
 
 A ``control`` client (the producer engine's scheduler, same host) handshakes
 the same way with ``Handshake.backend = "control"`` and then only sends
-``Publish(request_id, block_ids, num_tokens)``, so blocks are readable as soon
-as the request finishes rather than at the worker's next engine step.
+``Publish(request_id, block_ids, num_tokens)`` - the one publish of a vLLM
+producer, so blocks are readable as soon as the request finishes rather than
+at the engine's next step - and ``Release`` when another rank could not be
+reached. A publish the producer cannot carry out is released as "refused".
 
 The server sends nothing about itself (not even its layout) before the
 client's MAC verifies, so a peer without the shared secret learns nothing.
@@ -182,7 +184,7 @@ class Release(msgspec.Struct, tag=True):
 
 class Publish(msgspec.Struct, tag=True):
     """From the producer engine's own scheduler (a ``control`` connection):
-    hold these blocks now, without waiting for the worker's next step."""
+    hold these blocks now, without waiting for the engine's next step."""
 
     request_id: str
     block_ids: list[int]

@@ -305,7 +305,7 @@ def test_publish_is_idempotent_and_never_revives_a_read_request(backend, produce
     prod = producers(backend)
     cons = consumers(backend)
     prod.publish("twice", [1, 2])
-    prod.publish("twice", [1, 2])  # the scheduler's and the worker's publish
+    prod.publish("twice", [1, 2])  # a repeated publish (a retried control send)
     h = cons.pull(prod.address, "twice", [1, 2], [3, 4])
     assert h.wait(30) == TransferState.DONE, h.error
     deadline = time.monotonic() + 5
@@ -313,7 +313,7 @@ def test_publish_is_idempotent_and_never_revives_a_read_request(backend, produce
     while time.monotonic() < deadline and not released:
         released = prod.call("poll")
     assert released == [("twice", "read")]
-    prod.publish("twice", [1, 2])  # a late step-based publish after the read
+    prod.publish("twice", [1, 2])  # a late repeat after the read
     assert prod.call("metrics")["held_requests"] == 0
 
 
