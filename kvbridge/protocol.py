@@ -164,6 +164,14 @@ class PullError(msgspec.Struct, tag=True):
     code: str = ""
 
 
+class Release(msgspec.Struct, tag=True):
+    """Consumer -> producer: this request will not be read (aborted, served
+    from a local prefix cache, failed here, or refused): free its blocks now."""
+
+    request_id: str
+    reason: str = ""
+
+
 class ReadDone(msgspec.Struct, tag=True):
     """Consumer -> producer: a direct read (cma, nixl) finished; ``ok`` False if it failed."""
 
@@ -172,14 +180,6 @@ class ReadDone(msgspec.Struct, tag=True):
     #: False: the read failed on the consumer's side; the producer keeps the
     #: blocks for a retry (or until the lease ends)
     ok: bool = True
-
-
-class Release(msgspec.Struct, tag=True):
-    """Consumer -> producer: this request will not be read (aborted, served
-    from a local prefix cache, failed here, or refused): free its blocks now."""
-
-    request_id: str
-    reason: str = ""
 
 
 class Publish(msgspec.Struct, tag=True):
