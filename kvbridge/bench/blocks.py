@@ -17,10 +17,10 @@ import random
 
 import torch
 
-from kvbridge.cache import kernels
 from kvbridge.bench.common import Progress, fmt_bytes, table, time_it, write_results
+from kvbridge.cache import kernels
 from kvbridge.cache.blocks import PagedKVCache
-from kvbridge.layout import KVLayout
+from kvbridge.cache.synthetic import synthetic_cache
 
 #: name -> (kv_heads, block_size, head_size); vLLM CPU layout, bf16, 2 layers.
 BLOCK_SHAPES = {
@@ -32,13 +32,13 @@ NUM_LAYERS = 2
 
 def make_cache(shape: str, num_blocks: int) -> PagedKVCache:
     heads, block_size, head_size = BLOCK_SHAPES[shape]
-    regions = [torch.randint(-128, 127, (num_blocks, heads, block_size, 2 * head_size),
-                             dtype=torch.int16).view(torch.bfloat16)
-               for _ in range(NUM_LAYERS)]
-    layout = KVLayout.from_tensors(regions, model=f"bench-{shape}", block_size=block_size,
-                                   num_kv_heads=heads, head_size=head_size,
-                                   memory_layout="LBHNC")
-    return PagedKVCache(layout, regions)
+    def fill(_, raw: torch.Tensor) -> None:  # small int16 bit patterns
+        raw.view(torch.int16).copy_(torch.randint(-128, 127, (raw.numel() // 2,),
+                                                  dtype=torch.int16))
+
+    return synthetic_cache(num_blocks, kv_heads=heads, block_size=block_size,
+                           head_size=head_size, layers=NUM_LAYERS, model=f"bench-{shape}",
+                           fill=fill)
 
 
 def run(quick: bool = False, json_path: str | None = None, progress: bool = True) -> dict:

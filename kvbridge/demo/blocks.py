@@ -21,6 +21,7 @@ import time
 import torch
 
 from kvbridge.cache.blocks import PagedKVCache
+from kvbridge.cache.synthetic import synthetic_cache
 from kvbridge.layout import KVLayout
 from kvbridge.protocol import recv_exact_into
 
@@ -31,20 +32,9 @@ def tiny_layout_cache(num_blocks: int, seed: int | None, model: str = "tiny-llam
                       block_size: int = 128, kv_heads: int = 2, head_size: int = 64,
                       layers: int = 2, dtype: torch.dtype = torch.bfloat16) -> PagedKVCache:
     """A paged cache shaped like vLLM's CPU cache of the tiny model."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    regions = []
-    for _ in range(layers):
-        t = torch.empty((num_blocks, kv_heads, block_size, 2 * head_size), dtype=dtype)
-        raw = t.view(torch.uint8)
-        if gen is not None:
-            raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen))
-        else:
-            raw.zero_()
-        regions.append(t)
-    layout = KVLayout.from_tensors(regions, model=model, block_size=block_size,
-                                   num_kv_heads=kv_heads, head_size=head_size,
-                                   memory_layout="LBHNC")
-    return PagedKVCache(layout, regions)
+    return synthetic_cache(num_blocks, kv_heads=kv_heads, block_size=block_size,
+                           head_size=head_size, layers=layers, dtype=dtype, model=model,
+                           seed=seed)
 
 
 def _block_digest(cache: PagedKVCache, ids: list[int]) -> str:

@@ -30,30 +30,12 @@ def make_cache(num_blocks: int, seed: int | None, *, block_size: int = 32, kv_he
     seed gives at TP 1: its heads (``kvbridge.cache.shard.rank_heads``) of every
     block, so shards of two TP sizes can be compared byte for byte.
     """
-    import torch
+    from kvbridge.cache.synthetic import synthetic_cache
 
-    from kvbridge.cache.blocks import PagedKVCache
-    from kvbridge.layout import KVLayout
-    from kvbridge.cache.shard import rank_heads
-
-    tdtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    first, count = rank_heads(kv_heads, tp_size, tp_rank)
-    head_dim = 1 if memory_layout == "LBHNC" else 2
-    regions = []
-    for _ in range(layers * regions_per_layer):
-        shape = ((num_blocks, kv_heads, block_size, 2 * head_size) if head_dim == 1
-                 else (num_blocks, block_size, kv_heads, 2 * head_size))
-        t = torch.zeros(shape, dtype=tdtype)
-        if gen is not None:
-            raw = t.view(torch.uint8)
-            raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen))
-        regions.append(t.narrow(head_dim, first, count).contiguous())
-    layout = KVLayout.from_tensors(regions, model=model, block_size=block_size,
-                                   num_kv_heads=kv_heads, head_size=head_size,
-                                   memory_layout=memory_layout, tp_size=tp_size,
-                                   tp_rank=tp_rank, regions_per_layer=regions_per_layer)
-    return PagedKVCache(layout, regions)
+    return synthetic_cache(num_blocks, kv_heads=kv_heads, block_size=block_size,
+                           head_size=head_size, layers=layers, dtype=dtype, model=model,
+                           memory_layout=memory_layout, tp_size=tp_size, tp_rank=tp_rank,
+                           regions_per_layer=regions_per_layer, seed=seed)
 
 
 def digest(cache, block_ids) -> str:

@@ -12,7 +12,6 @@ import numpy as np
 
 from kvbridge.bench.transport.plan import BLOCK_SHAPES, NUM_LAYERS, POISON
 
-
 #: Random tile length: odd, so consecutive blocks start at different phases of
 #: the tile and every block differs (a misplaced block changes the digest).
 _TILE = (1 << 20) + 4099
@@ -39,25 +38,13 @@ def digest(buffers: Iterable) -> str:
 def make_cache(shape: str, num_blocks: int, seed: int | None):
     """A 2-layer paged cache of ``shape``; random contents, or zeros if ``seed`` is
     None (still written, so first-touch page faults happen here, not in a pull)."""
-    import torch
-
-    from kvbridge.cache.blocks import PagedKVCache
-    from kvbridge.layout import KVLayout
+    from kvbridge.cache.synthetic import synthetic_cache
 
     heads, block_size, head_size = BLOCK_SHAPES[shape]
-    regions = []
-    for layer in range(NUM_LAYERS):
-        t = torch.empty((num_blocks, heads, block_size, 2 * head_size), dtype=torch.bfloat16)
-        flat = t.view(torch.uint8).reshape(-1).numpy()
-        if seed is None:
-            flat.fill(0)
-        else:
-            fill_random(flat, seed, layer)
-        regions.append(t)
-    layout = KVLayout.from_tensors(regions, model=f"kvbridge-bench-{shape}",
-                                   block_size=block_size, num_kv_heads=heads,
-                                   head_size=head_size, memory_layout="LBHNC")
-    return PagedKVCache(layout, regions)
+    return synthetic_cache(
+        num_blocks, kv_heads=heads, block_size=block_size, head_size=head_size,
+        layers=NUM_LAYERS, model=f"kvbridge-bench-{shape}",
+        fill=None if seed is None else lambda layer, raw: fill_random(raw.numpy(), seed, layer))
 
 
 def cache_digest(cache, block_ids: Sequence[int]) -> str:
