@@ -75,12 +75,15 @@ class KVAgent:
             ``HostMirror`` that ``kv_cache`` wraps. Blocks are then copied
             device -> mirror before a publish makes them readable, and mirror
             -> device before a pull counts as done.
+        instance_id: the producer identity to keep when the same process
+            reopens its transport over the same cache (vLLM's sleep mode);
+            default: a new one.
     """
 
     def __init__(self, kv_cache: PagedKVCache | Sequence[torch.Tensor],
                  layout: KVLayout | None = None, *, transport: str = "tcp",
                  config: TransportConfig | None = None, name: str | None = None,
-                 host_mirror: HostMirror | None = None):
+                 host_mirror: HostMirror | None = None, instance_id: str | None = None):
         if not isinstance(kv_cache, PagedKVCache):
             if layout is None:
                 raise ValueError("pass a KVLayout with plain tensors")
@@ -90,6 +93,8 @@ class KVAgent:
         self.host_mirror = host_mirror
         self.transport: Transport = create_transport(transport, kv_cache, config,
                                                      agent_name=name)
+        if instance_id is not None:
+            self.transport.instance_id = instance_id
         if host_mirror is not None:
             mirrored = {t.data_ptr() for t in host_mirror.host_regions()}
             if any(r.data_ptr() not in mirrored for r in kv_cache.regions):

@@ -243,3 +243,44 @@ def test_lease_frees_blocks_when_decode_never_comes(engines, tiny_model_dir):
         free = p.call(cmd="step", n=2)["free"]
     assert free == start
     assert "expired" in p.logs()
+
+
+def test_sleep_mode_hooks_let_go_of_the_cache_and_take_it_back(engines, tiny_model_dir,
+                                                                colocated):
+    """vLLM 0.33's ``unregister_kv_caches`` / ``restore_kv_caches``, called as
+    its worker calls them around sleep mode. Unregistered, the producer drops
+    what it published (vLLM gets the blocks back) and the consumer fails a
+    load whole instead of writing into a cache vLLM is freeing; restored, the
+    same pair is token-identical again with no prompt token computed - the
+    producer kept its port and identity, which its scheduler advertised."""
+    p = engines("kv_producer", tiny_model_dir, port=free_port(), extra={"transport": "tcp"})
+    d = engines("kv_consumer", tiny_model_dir, port=free_port(),
+                extra={"transport": "tcp", "publish_wait_s": 2})
+    free_at_start = p.ready["free"]
+    dropped = p.call(cmd="prefill", prompts=PROMPTS[:1])["params"]
+    assert p.call(cmd="free_blocks")["free"] < free_at_start
+    p.call(cmd="kv_caches", hook="unregister_kv_caches")
+    p.call(cmd="kv_caches", hook="unregister_kv_caches")  # idempotent
+    assert p.call(cmd="step", n=2)["free"] == free_at_start
+    p.call(cmd="kv_caches", hook="restore_kv_caches")
+    p.call(cmd="kv_caches", hook="restore_kv_caches")  # idempotent
+    # The dropped request is gone for good: the consumer's load fails cleanly.
+    out = d.call(cmd="decode", prompts=PROMPTS[:1], params=dropped, max_tokens=MAX_TOKENS)
+    assert out["finish"] == ["error"], out
+
+    # A consumer asleep fails a load whole, before any byte moves.
+    params = p.call(cmd="prefill", prompts=PROMPTS[:1])["params"]
+    d.call(cmd="kv_caches", hook="unregister_kv_caches")
+    out = d.call(cmd="decode", prompts=PROMPTS[:1], params=params, max_tokens=MAX_TOKENS)
+    assert out["finish"] == ["error"], out
+    assert "the KV cache is unregistered (vLLM sleep mode)" in d.logs()
+    d.call(cmd="kv_caches", hook="restore_kv_caches")
+
+    # Both awake again: the pair works as before.
+    m_before = d.call(cmd="metrics")["metrics"]
+    params = p.call(cmd="prefill", prompts=PROMPTS[:1])["params"]
+    out = d.call(cmd="decode", prompts=PROMPTS[:1], params=params, max_tokens=MAX_TOKENS)
+    assert out["tokens"] == colocated[:1]
+    m = {k: v - m_before.get(k, 0) for k, v in out["metrics"].items()}
+    assert m.get("local_compute", 0) == 0 and m["external_kv_transfer"] > 0, m
+    assert p.call(cmd="step", n=3)["free"] == free_at_start

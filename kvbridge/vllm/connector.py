@@ -22,13 +22,21 @@ try:  # vLLM >= 0.32: failures by request, for engines with several KV cache gro
 except ImportError:  # pragma: no cover - older vLLM: one group only
     KVConnectorTransferResults = None
 
+from vllm.version import __version__ as VLLM_VERSION
+
+from kvbridge.vllm import compat
 from kvbridge.vllm.metadata import KVBridgeConnectorMetadata, KVBridgeHandshakeMetadata
 from kvbridge.vllm.scheduler import KVBridgeScheduler
 from kvbridge.vllm.stats import KVBridgeKVConnectorStats
 from kvbridge.vllm.worker import KVBridgeWorker
 
+# Refuse to load, naming the supported vLLM range, when this vLLM lacks a hook
+# the connector cannot work without; hooks are detected by presence.
+compat.check_vllm(KVConnectorBase_V1, VLLM_VERSION)
+
 if TYPE_CHECKING:
     import torch
+    from vllm.config import KVTransferConfig
     from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
@@ -73,6 +81,13 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
         # Whole blocks move; any block-contiguous layout works as long as both
         # sides agree, which the layout handshake checks.
         return None
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: KVTransferConfig) -> bool:
+        # vLLM >= 0.33 asks before it enables sleep mode. The worker lets go
+        # of the KV cache in unregister_kv_caches and takes it back in
+        # restore_kv_caches, with every transport.
+        return True
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
@@ -120,6 +135,16 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self.connector_worker is not None
         self.connector_worker.register_kv_caches(kv_caches)
+
+    def unregister_kv_caches(self) -> None:
+        # vLLM >= 0.33, before sleep mode frees the KV cache.
+        assert self.connector_worker is not None
+        self.connector_worker.unregister_kv_caches()
+
+    def restore_kv_caches(self) -> None:
+        # vLLM >= 0.33, after wake-up mapped the KV cache again.
+        assert self.connector_worker is not None
+        self.connector_worker.restore_kv_caches()
 
     def set_host_xfer_buffer_ops(self, copy_operation) -> None:
         assert self.connector_worker is not None

@@ -6,6 +6,7 @@ finish rather than at the engine's next step."""
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 from collections.abc import Sequence
@@ -50,6 +51,8 @@ class ControlClient:
         with self._lock:
             for attempt in (1, 2):
                 try:
+                    if self._sock is not None and self._peer_closed_locked():
+                        self.close_locked()
                     if self._sock is None:
                         self._connect()
                     P.send_message(self._sock, msg)
@@ -60,6 +63,17 @@ class ControlClient:
                         logger.warning("kvbridge: control %s of %s to %s failed: %s",
                                        type(msg).__name__, msg.request_id, self.address, e)
         return False
+
+    def _peer_closed_locked(self) -> bool:
+        """The transport never writes to a control connection after the
+        handshake, so a readable socket is one it closed (the worker reopened
+        its transport: vLLM's sleep mode, a restart). A send on it would
+        still succeed locally and the message be lost."""
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
     def _connect(self) -> None:
         host, _, port = self.address.rpartition(":")

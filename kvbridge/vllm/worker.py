@@ -38,6 +38,14 @@ assert, so each is a rule of the state machine below and has a test:
    handed it over (``SendSpec``: ``request_finished`` returned True), and once
    no consumer can read its blocks any more: read, released, expired, or
    refused when this rank's transport could not publish it.
+
+Sleep mode (vLLM >= 0.33): ``unregister_kv_caches`` closes the transport, the
+only holder of the KV cache's memory (its listener, NIXL's registrations,
+running pulls), so vLLM can free the cache; ``restore_kv_caches`` serves the
+same regions again, on the same port and with the same producer identity, so
+the scheduler's handshake metadata stays true. In between every hook keeps
+the rules above: a pull that was running or arrives is a failed load, a
+request handed over is reported sent (no consumer can read it any more).
 """
 
 from __future__ import annotations
@@ -126,6 +134,8 @@ class KVBridgeWorker:
         #: host mirror of a device KV cache (see config: host_staging)
         self.mirror: HostMirror | None = None
         self._mirror_reported: tuple[int, int, float] = (0, 0, 0.0)
+        #: sleep mode: the transport is closed until restore_kv_caches
+        self.kv_unregistered = False
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -154,17 +164,53 @@ class KVBridgeWorker:
         else:
             regions = ordered_kv_regions(kv_caches)
         self.cache = PagedKVCache(layout, regions)
-        tc = self.config.transport_config
-        tc.port = self.config.base_port + self._tp_rank if self.config.is_producer else 0
-        self.agent = KVAgent(self.cache, transport=self.config.transport, config=tc,
-                             name=f"{self.engine_id}-tp{self._tp_rank}", host_mirror=self.mirror)
-        address = self.agent.serve() if self.config.is_producer else None
+        address = self._start_agent()
         logger.info("KVBridgeConnector worker: %s transport, layout %s (%s), %d blocks x %d B "
                     "x %d regions%s%s", self.config.transport, layout.fingerprint(),
                     layout.memory_layout, self.cache.num_blocks, layout.block_bytes,
                     layout.num_regions, f", serving on {address}" if address else "",
                     f", staged through a {self.mirror.nbytes / 2**30:.2f} GiB host mirror"
                     if self.mirror else "")
+
+    def _start_agent(self, instance_id: str | None = None) -> str | None:
+        """Open this rank's transport over ``self.cache``; a producer serves on
+        its rank's port and returns its address."""
+        tc = self.config.transport_config
+        tc.port = self.config.base_port + self._tp_rank if self.config.is_producer else 0
+        self.agent = KVAgent(self.cache, transport=self.config.transport, config=tc,
+                             name=f"{self.engine_id}-tp{self._tp_rank}", host_mirror=self.mirror,
+                             instance_id=instance_id)
+        return self.agent.serve() if self.config.is_producer else None
+
+    def unregister_kv_caches(self) -> None:
+        """Sleep mode: let go of the KV cache so vLLM can free it (idempotent).
+
+        vLLM drains its own transfers first, but a producer's leases outlive
+        steps and a consumer's pull may still run: closing the transport fails
+        those pulls ("transport closed"; reported as failed loads by
+        ``get_finished``) and drops the leases, so the requests handed over are
+        reported sent at the next ``get_finished``."""
+        if self.agent is None or self.kv_unregistered:
+            return
+        self.kv_unregistered = True
+        self.agent.close()
+        self._send_done |= self._sending
+        self._sending.clear()
+        self._released_early.clear()
+        logger.info("KVBridgeConnector: transport closed for sleep mode (%d loads failing, "
+                    "%d published requests dropped)", len(self._loads), len(self._send_done))
+
+    def restore_kv_caches(self) -> None:
+        """Wake-up: serve the KV cache again (idempotent). The producer keeps
+        its identity and port: the scheduler advertises both to consumers
+        (``handshake_metadata``) and is not asked again."""
+        if not self.kv_unregistered:
+            return
+        assert self.agent is not None
+        address = self._start_agent(instance_id=self.agent.instance_id)
+        self.kv_unregistered = False
+        logger.info("KVBridgeConnector: transport restored after sleep mode%s",
+                    f", serving on {address}" if address else "")
 
     def set_host_xfer_buffer_ops(self, copy_operation) -> None:
         """vLLM's device<->host block copy. kvbridge's own kernel does this job
@@ -191,6 +237,13 @@ class KVBridgeWorker:
         assert self.agent is not None
         for req_id, spec in meta.reqs_to_send.items():
             self._start_send(req_id)
+        if self.kv_unregistered:
+            # Asleep: nothing can be handed back (the producer's lease expires)
+            # or loaded; each load fails whole and is reported as such.
+            for req_id, spec in meta.reqs_to_recv.items():
+                self._loads[req_id] = _Load(spec, error="the KV cache is unregistered "
+                                            "(vLLM sleep mode)")
+            return
         for spec in meta.reqs_to_release:
             try:
                 peers = self.agent.producer_ranks(spec.addresses)
@@ -220,6 +273,10 @@ class KVBridgeWorker:
         if req_id in self._sending:
             return
         self._stats.bump("num_published")
+        if self.kv_unregistered:
+            # The transport is closed: no consumer can read these blocks.
+            self._send_done.add(req_id)
+            return
         if self._released_early.pop(req_id, None) is not None:
             # Read (or released) before this step's metadata arrived: done.
             self._send_done.add(req_id)
@@ -228,6 +285,8 @@ class KVBridgeWorker:
 
     def _poll_sent(self) -> set[str]:
         done, self._send_done = self._send_done, set()
+        if self.kv_unregistered:
+            return done
         for req_id, reason in self.agent.poll_released():
             if reason == "expired":
                 self._stats.bump("num_expired_leases")
@@ -289,7 +348,7 @@ class KVBridgeWorker:
         spec = load.spec
         if load.aborted:
             self._stats.bump("num_aborted_loads")
-            if not load.ok():
+            if not load.ok() and not self.kv_unregistered:
                 for peer in load.peers:
                     self.agent.release_remote(peer, spec.remote_request_id, "aborted")
             return

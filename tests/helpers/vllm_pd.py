@@ -175,6 +175,13 @@ def main() -> None:
             worker = get_kv_transfer_group().connector_worker
             reply({"metrics": worker.agent.metrics(),
                    "layout": worker.cache.layout.to_dict()})
+        elif cmd == "kv_caches":
+            # vLLM >= 0.33's sleep-mode hooks, called as its GPU worker calls
+            # them around sleep() / wake_up() (vLLM 0.32's CPU worker never does).
+            from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+            getattr(get_kv_transfer_group(), req["hook"])()
+            reply({"ok": True})
         elif cmd == "metrics":
             reply({"metrics": prompt_token_metrics(llm)})
         elif cmd == "reset_prefix_cache":
