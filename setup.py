@@ -13,6 +13,10 @@ kvbridge/cache/kernels.py), not torch extensions: the CPU build of torch refuses
 A missing compiler or a failed build never fails the install: kvbridge falls
 back to torch ops and says so in ``kvbridge info``. Set
 ``KVBRIDGE_REQUIRE_KERNELS=1`` (CI does) to make a failed build an error.
+
+A wheel carries the libraries built (``kvbridge/_lib/``) and is tagged
+``py3-none-<platform>``: the libraries are machine code for that platform but
+no CPython extension, so one wheel serves every Python version.
 """
 
 import os
@@ -23,6 +27,11 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+try:  # setuptools >= 70.1 ships bdist_wheel; before that it lives in `wheel`
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # pragma: no cover
+    from wheel.bdist_wheel import bdist_wheel
 
 ROOT = Path(__file__).resolve().parent
 CUDA_ARCHS = os.environ.get("KVBRIDGE_CUDA_ARCHS", "80;90;100;120")
@@ -105,7 +114,17 @@ class BuildKernels(build_ext):
         return []
 
 
+class PlatformWheel(bdist_wheel):
+    """The placeholder extension makes the wheel platform-specific, as its
+    libraries are; but they are loaded with ctypes and use no Python ABI, so
+    the wheel is not tied to one Python version (``py3-none-<platform>``)."""
+
+    def get_tag(self) -> tuple[str, str, str]:
+        _, _, platform = super().get_tag()
+        return "py3", "none", platform
+
+
 setup(
     ext_modules=[Extension("kvbridge._lib._placeholder", sources=[])],
-    cmdclass={"build_ext": BuildKernels},
+    cmdclass={"build_ext": BuildKernels, "bdist_wheel": PlatformWheel},
 )
