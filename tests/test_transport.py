@@ -362,6 +362,38 @@ def test_control_publish_the_transport_cannot_carry_out_is_refused(backend, prod
         ctl.close()
 
 
+def test_control_client_reaches_a_reopened_transport(producers, consumers):
+    """A worker's transport closed and reopened on the same port (vLLM's sleep
+    mode, a restart): the scheduler's next publish reaches the new one. Sent
+    on the connection the old transport closed, it would leave this process
+    without an error and be lost."""
+    from kvbridge.serve.launch import free_port
+    from kvbridge.vllm.control import ControlClient
+
+    def held_soon(producer, request_id):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if request_id in producer.call("held"):
+                return True
+            time.sleep(0.05)
+        return False
+
+    port = free_port()
+    first = producers("tcp", config_kw={"port": port})
+    cons = consumers("tcp")
+    ctl = ControlClient(first.address, cons.layout, None)
+    try:
+        assert ctl.publish("before", [1, 2], None)
+        assert held_soon(first, "before")
+        first.call("stop")  # closes the transport, as unregister_kv_caches does
+        second = producers("tcp", config_kw={"port": port})
+        assert second.address == first.address
+        assert ctl.publish("after", [3, 4], None)
+        assert held_soon(second, "after")
+    finally:
+        ctl.close()
+
+
 # ---------------------------------------------------------------- tensor parallelism
 @pytest.mark.parametrize("tp_prod,tp_cons,memory_layout", [
     (1, 2, "LBHNC"), (2, 1, "LBHNC"), (2, 4, "LBNHC"), (4, 2, "LBNHC")])
