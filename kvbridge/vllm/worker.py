@@ -194,11 +194,12 @@ class KVBridgeWorker:
             return
         self.kv_unregistered = True
         self.agent.close()
+        dropped = len(self._sending)
         self._send_done |= self._sending
         self._sending.clear()
         self._released_early.clear()
         logger.info("KVBridgeConnector: transport closed for sleep mode (%d loads failing, "
-                    "%d published requests dropped)", len(self._loads), len(self._send_done))
+                    "%d published requests dropped)", len(self._loads), dropped)
 
     def restore_kv_caches(self) -> None:
         """Wake-up: serve the KV cache again (idempotent). The producer keeps
@@ -237,14 +238,8 @@ class KVBridgeWorker:
         assert self.agent is not None
         for req_id, spec in meta.reqs_to_send.items():
             self._start_send(req_id)
-        if self.kv_unregistered:
-            # Asleep: nothing can be handed back (the producer's lease expires)
-            # or loaded; each load fails whole and is reported as such.
-            for req_id, spec in meta.reqs_to_recv.items():
-                self._loads[req_id] = _Load(spec, error="the KV cache is unregistered "
-                                            "(vLLM sleep mode)")
-            return
-        for spec in meta.reqs_to_release:
+        # Asleep, nothing can be handed back: the producer's lease expires.
+        for spec in meta.reqs_to_release if not self.kv_unregistered else ():
             try:
                 peers = self.agent.producer_ranks(spec.addresses)
             except Exception as e:  # noqa: BLE001 - an unpairable producer: nothing to free
@@ -307,6 +302,9 @@ class KVBridgeWorker:
             return
         load = _Load(spec)
         self._loads[req_id] = load
+        if self.kv_unregistered:
+            load.error = "the KV cache is unregistered (vLLM sleep mode)"
+            return
         try:
             # This rank's heads from whichever producer ranks hold them (any
             # two TP sizes; kvbridge.cache.shard), all pulls at once.
