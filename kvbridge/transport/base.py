@@ -101,6 +101,13 @@ class Transport(ProducerSide, ConsumerSide):
             return
         self._closing.set()
         if self._listener is not None:
+            try:
+                # Wakes the accept thread. close() alone leaves the socket
+                # listening, its port taken, until that accept() returns: a
+                # transport reopened on the same port (sleep mode) could not bind.
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
         for c in list(self._server_conns):
             try:
