@@ -36,8 +36,7 @@ compat.check_vllm(KVConnectorBase_V1, VLLM_VERSION)
 
 if TYPE_CHECKING:
     import torch
-    from vllm.config import KVTransferConfig
-    from vllm.config import VllmConfig
+    from vllm.config import KVTransferConfig, VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
