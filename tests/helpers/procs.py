@@ -28,7 +28,7 @@ from pathlib import Path
 
 from kvbridge.serve.launch import free_port, stop_group, wait_http_healthy
 
-from helpers.transport_peer import producer_main
+from helpers.transport_peer import consumer_main, producer_main
 
 HELPERS = Path(__file__).parent
 #: what a transport producer gets in its environment
@@ -66,19 +66,22 @@ def stopped(pid: int):
 class Producer:
     """Handle on a producer process."""
 
+    target = staticmethod(producer_main)
+    seed: int | None = 11
+
     def __init__(self, backend: str, cache_kw: dict | None = None, config_kw: dict | None = None,
                  env: dict | None = None):
         ctx = mp.get_context("spawn")
         self.pipe, child = ctx.Pipe()
-        kw = dict(num_blocks=NUM_BLOCKS, seed=11)
+        kw = dict(num_blocks=NUM_BLOCKS, seed=self.seed)
         kw.update(cache_kw or {})
-        self.proc = ctx.Process(target=producer_main,
+        self.proc = ctx.Process(target=self.target,
                                 args=(child, backend, kw, config_kw or {}, {**ENV, **(env or {})}),
                                 daemon=True)
         self.proc.start()
         if not self.pipe.poll(180):  # spawn imports torch: slow on a loaded machine
             self.kill()
-            raise RuntimeError("producer did not start")
+            raise RuntimeError(f"{type(self).__name__.lower()} did not start")
         self.address = self.pipe.recv()
 
     def call(self, *cmd, timeout: float = 30):
@@ -114,6 +117,23 @@ class Producer:
                 pass
         self.proc.join(10)
         self.kill()
+
+
+class Consumer(Producer):
+    """Handle on a consumer process (see ``transport_peer.consumer_main``):
+    zeroed cache; ``pull`` starts, ``wait`` returns (state, code, error, seconds)."""
+
+    target = staticmethod(consumer_main)
+    seed = None
+
+    def pull(self, peer: str, rid: str, remote, local) -> None:
+        assert self.call("pull", peer, rid, list(remote), list(local)) is None
+
+    def state(self, rid: str) -> str:
+        return self.call("state", rid)
+
+    def wait(self, rid: str, timeout: float) -> tuple:
+        return self.call("wait", rid, timeout, timeout=timeout + 30)
 
 
 class Engine:
