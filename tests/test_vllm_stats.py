@@ -6,7 +6,9 @@ what a worker records reaches vLLM's log line (``reduce``) and the
 from __future__ import annotations
 
 import functools
+import sys
 import types
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -135,3 +137,29 @@ def test_a_failed_load_counts_under_the_pull_that_failed_first():
     assert _failure_reason(load, [pull(ErrorCode.CANCELLED, 1.0)]) == ErrorCode.CANCELLED
     # Failed before any pull started: the code of what refused it.
     assert _failure_reason(_Load(spec=None, error_code=ErrorCode.BLOCKS), []) == ErrorCode.BLOCKS
+
+
+def test_pd_compare_reads_the_transfer_histogram_from_metrics_text():
+    """pd_compare's /metrics parser on the exposition text of these metrics."""
+    # benchmarks/ is not a package of the install: imported from the checkout,
+    # as benchmarks/pd_compare/run.py does.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from benchmarks.pd_compare.metrics import delta, parse_metrics, transfer_stats
+    finally:
+        sys.path.pop(0)
+    registry = CollectorRegistry()
+    metrics = prom_metrics(registry)
+    metrics.observe(two_workers().to_dict())
+    before = parse_metrics(generate_latest(registry).decode())
+    assert transfer_stats(before) == {"connector": "kvbridge", "transfers": 2,
+                                      "mean_ms": pytest.approx(3.0),
+                                      "mean_bytes": 6144, "failed": 3}
+    one = KVBridgeKVConnectorStats()
+    one.record_transfer(2**20, 0.010, 16)
+    metrics.observe(one.to_dict())
+    d = delta(parse_metrics(generate_latest(registry).decode()), before)
+    assert transfer_stats(d) == {"connector": "kvbridge", "transfers": 1,
+                                 "mean_ms": pytest.approx(10.0), "mean_bytes": 2**20,
+                                 "failed": 0}
+    assert transfer_stats(delta(before, before)) is None
