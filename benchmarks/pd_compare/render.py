@@ -159,9 +159,9 @@ def crosscheck_table(results: list[dict], plan: dict) -> str:
         "the connector's transfer histogram on the decode instance's /metrics, "
         "vllm:kvbridge_xfer_time_seconds or vllm:nixl_xfer_time_seconds; log = vLLM's "
         "'KV Transfer metrics' lines of the decode instance, in results recorded before "
-        "KVBridge exported its histogram); under load = the same figure during workload 1:\n" + table(["config", "prompt", "side n", "side header",
-                                        "side KV MiB", "side prom", "side log", "under load"],
-                                       rows4))
+        "KVBridge exported its histogram); under load = the same figure during "
+        "workload 1:\n" + table(["config", "prompt", "side n", "side header",
+                                 "side KV MiB", "side prom", "side log", "under load"], rows4))
 
 
 def run_notes(results: list[dict]) -> list[str]:
