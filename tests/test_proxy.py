@@ -144,29 +144,37 @@ def test_streaming_token_by_token(servers, proxy, path, body):
     vLLM itself merges tokens into one chunk when its API server falls behind
     the engine (a loaded machine), so the number of chunks is not the test:
     the answer must arrive spread over about the time decode takes to make
-    it (measured by the same request answered whole), not all at once.
+    it (measured by the same request answered whole), not all at once. On
+    two cores shared by two busy engines, this client (or a server's API
+    process) can go unscheduled for the whole answer and read it in one go:
+    a streaming proxy shows the spread in one of three tries, a buffering one
+    in none.
     """
     _, d, _ = servers
     t0 = time.perf_counter()
     want = text_of(colocated(d, path, dict(body, stream=False)))
     whole_s = time.perf_counter() - t0
-    lines, arrivals = [], []
-    with httpx.stream("POST", proxy.url + path, json=body, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line:
-                lines.append(line)
-                arrivals.append(time.perf_counter())
-    events = sse_events(lines)
-    assert events[-1] == "[DONE]"
-    assert stream_text(events) == want
-    token_events = [e for e in events if e != "[DONE]" and e.get("choices")]
-    assert len(token_events) >= 2, "the answer arrived in one chunk"
-    first_token = next(t for t, line in zip(arrivals, lines) if stream_text(sse_events([line])))
-    spread_s = arrivals[-1] - first_token
-    assert spread_s >= 0.25 * whole_s, (
-        f"the answer arrived within {spread_s * 1e3:.1f} ms of its first token, while decode "
-        f"takes {whole_s * 1e3:.0f} ms to make it: the proxy buffered")
+    spreads = []
+    for _ in range(3):
+        lines, arrivals = [], []
+        with httpx.stream("POST", proxy.url + path, json=body, timeout=120) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    arrivals.append(time.perf_counter())
+        events = sse_events(lines)
+        assert events[-1] == "[DONE]"
+        assert stream_text(events) == want
+        token_events = [e for e in events if e != "[DONE]" and e.get("choices")]
+        assert len(token_events) >= 2, "the answer arrived in one chunk"
+        first_token = next(t for t, line in zip(arrivals, lines)
+                           if stream_text(sse_events([line])))
+        spreads.append(arrivals[-1] - first_token)
+        if spreads[-1] >= 0.25 * whole_s:
+            return
+    pytest.fail(f"every answer arrived within {max(spreads) * 1e3:.1f} ms of its first token "
+                f"while decode takes {whole_s * 1e3:.0f} ms to make it: the proxy buffered")
 
 
 def test_bad_client_input_gets_openai_errors(proxy):
