@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.procs import HttpProcess
+from helpers.procs import Proxy, VllmRouter
 from kvbridge.serve.launch import free_port, kv_transfer_config, start_server, stop_all, wait_healthy
 
 pytestmark = pytest.mark.vllm
@@ -28,20 +28,6 @@ PROMPT = ("The socket module provides access to the BSD socket interface; it is 
           "on all modern Unix systems. ") * 4
 MESSAGES = [{"role": "user", "content": "Return a new sorted list from the items in "
              "iterable, with an optional key function. " * 3}]
-
-
-class Proxy(HttpProcess):
-    """A real ``kvbridge proxy`` process (stopped with ``stop()``, its group too)."""
-
-    def __init__(self, prefill: list[str], decode: list[str], *extra: str,
-                 wait: bool = True, log_dir: Path | None = None):
-        args = [KVBRIDGE, "proxy", "--port", "{port}", "--health-interval", "0.5"]
-        for u in prefill:
-            args += ["--prefill", u]
-        for u in decode:
-            args += ["--decode", u]
-        # 503: up, but no healthy pair behind it (yet).
-        super().__init__("proxy", args + list(extra), log_dir, wait=wait, ok=(200, 503))
 
 
 @pytest.fixture(scope="module")
@@ -307,23 +293,12 @@ def test_decode_killed_mid_stream_gets_error_event(servers, tiny_model_dir, tmp_
         stop_all([d2])
 
 
-class VllmRouter(HttpProcess):
-    """The real ``vllm-router`` package in P/D mode, as production users run it."""
-
-    def __init__(self, prefill: str, decode: str, log_dir: Path):
-        exe = str(Path(sys.executable).parent / "vllm-router")
-        super().__init__("vllm-router", [
-            exe, "--vllm-pd-disaggregation", "--host", "127.0.0.1", "--port", "{port}",
-            "--prefill", prefill, "--decode", decode, "--kv-connector", "nixl"],
-            log_dir, health_path="/v1/models")
-
-
 def test_behind_vllm_router_streaming_chat(servers):
     p, d, logs = servers
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "temperature": 0,
             "ignore_eos": True}
     want = text_of(colocated(d, "/v1/chat/completions", body))
-    router = VllmRouter(p.url, d.url, logs)
+    router = VllmRouter([p.url], [d.url], logs)
     try:
         before = decode_sources(d)
         lines = []

@@ -239,3 +239,33 @@ class HttpProcess:
     def stop(self):
         stop_group(self.proc)
         self.log.close()
+
+
+KVBRIDGE = str(Path(sys.executable).parent / "kvbridge")
+
+
+class Proxy(HttpProcess):
+    """A real ``kvbridge proxy`` process (stopped with ``stop()``, its group too)."""
+
+    def __init__(self, prefill: list[str], decode: list[str], *extra: str,
+                 wait: bool = True, log_dir: Path | None = None):
+        args = [KVBRIDGE, "proxy", "--port", "{port}", "--health-interval", "0.5"]
+        for u in prefill:
+            args += ["--prefill", u]
+        for u in decode:
+            args += ["--decode", u]
+        # 503: up, but no healthy pair behind it (yet).
+        super().__init__("proxy", args + list(extra), log_dir, wait=wait, ok=(200, 503))
+
+
+class VllmRouter(HttpProcess):
+    """The real ``vllm-router`` package in P/D mode, as production users run it."""
+
+    def __init__(self, prefill: list[str], decode: list[str], log_dir: Path, *extra: str):
+        args = [str(Path(sys.executable).parent / "vllm-router"), "--vllm-pd-disaggregation",
+                "--host", "127.0.0.1", "--port", "{port}", "--kv-connector", "nixl"]
+        for u in prefill:
+            args += ["--prefill", u]
+        for u in decode:
+            args += ["--decode", u]
+        super().__init__("vllm-router", args + list(extra), log_dir, health_path="/v1/models")
