@@ -139,3 +139,35 @@ def test_link_down_mid_transfer_fails_cleanly_then_reconnects(hosts, backend):
     finally:
         cons.stop()
         prod.stop()
+
+
+NETEM_WHY_NOT = netns.netem_available() if WHY_NOT is None else WHY_NOT
+
+
+@pytest.mark.skipif(NETEM_WHY_NOT is not None, reason=f"no netem here: {NETEM_WHY_NOT}")
+@pytest.mark.parametrize("backend", ["tcp", "nixl"])
+def test_pulls_complete_byte_exact_under_delay_and_loss(hosts, backend):
+    """1 ms delay and 1 % loss on both ends of the link: every pull still
+    lands the producer's bytes exactly."""
+    if backend == "nixl":
+        pytest.importorskip("nixl._api")
+    far, near = hosts
+    for host in hosts:
+        host.netem("delay", "1ms", "loss", "1%")
+    cache_kw = dict(num_blocks=64, block_size=128, kv_heads=8, head_size=128)
+    prod = Producer(backend, cache_kw=cache_kw, config_kw=dict(host=far.address),
+                    env={**UCX_BETWEEN_HOSTS, "UCX_NET_DEVICES": far.device, NETNS_ENV: far.name})
+    cons = Consumer(backend, cache_kw=cache_kw,
+                    env={**UCX_BETWEEN_HOSTS, "UCX_NET_DEVICES": near.device,
+                         NETNS_ENV: near.name})
+    try:
+        for i, n in enumerate((1, 8, 24)):
+            remote, local = list(range(n)), list(range(32, 32 + n))
+            prod.publish(f"lossy-{i}", remote)
+            cons.pull(prod.address, f"lossy-{i}", remote, local)
+            state, code, error, _ = cons.wait(f"lossy-{i}", 120)
+            assert state == "done", (state, code, error)
+            assert cons.call("digest", local) == prod.call("digest", remote)
+    finally:
+        cons.stop()
+        prod.stop()

@@ -2,6 +2,12 @@
 """xPyD: two prefill and two decode vLLM servers (tiny model, TP 1, tcp)
 behind ``kvbridge proxy`` and behind ``vllm-router``.
 
+Where network namespaces can be made (root), the prefill pair runs on one
+"host", the decode pair on a second and the router (and this test's HTTP
+client) on a third, each with its own address on a bridged link: the
+producers bind and advertise their namespace address, and nothing relies on
+127.0.0.1. Elsewhere all of it runs on loopback.
+
 Every answer equals the colocated one (a decode server answering alone), no
 request fails, decode computes no prompt token, both producers give their KV
 back (vLLM's KV usage returns to 0), and - behind kvbridge proxy's round
@@ -17,11 +23,16 @@ from collections import Counter
 
 import httpx
 import pytest
-
-from kvbridge.serve.launch import free_port, kv_transfer_config, start_server, stop_all, \
-    wait_healthy
-
 from helpers.procs import Proxy, VllmRouter
+
+from kvbridge.bench import netns
+from kvbridge.serve.launch import (
+    free_port,
+    kv_transfer_config,
+    start_server,
+    stop_all,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.vllm
 MODEL = "tiny"
@@ -31,8 +42,34 @@ PROMPTS = [f"Request {i}: " + ("the quick brown fox jumps over the lazy dog; " *
 MAX_TOKENS = 8
 
 
+class Net:
+    """Where each role runs: three namespace hosts, or this host's loopback."""
+
+    def __init__(self, hosts):
+        self.hosts = hosts
+
+    def place(self, role: str) -> dict:
+        if self.hosts is None:
+            return {}
+        h = self.hosts[{"prefill": 0, "decode": 1, "router": 2}[role]]
+        return {"host": h.address, "netns": h.name}
+
+    def call(self, fn, *args, **kw):
+        """``fn`` with its sockets on the router's host (the client's place)."""
+        return netns.call_in(self.hosts[2].name if self.hosts else None, fn, *args, **kw)
+
+
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dir, tmp_path_factory):
+def net():
+    if netns.available() is not None:
+        yield Net(None)
+        return
+    with netns.Hosts(3) as hosts:
+        yield Net(hosts)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory, net):
     """prefill0/decode0 pinned to core 0, prefill1/decode1 to core 1."""
     logs = tmp_path_factory.mktemp("xpyd")
     servers = []
@@ -40,22 +77,26 @@ def cluster(tiny_model_dir, tmp_path_factory):
     try:
         for i in range(2):
             kv_port = free_port()
+            where = net.place("prefill")
+            bind = {"host": where["host"]} if where else {}
             servers.append(start_server(
                 f"prefill{i}", tiny_model_dir, free_port(), cpu_core=i, log_dir=logs,
-                served_name=MODEL, kv_config=kv_transfer_config("kv_producer", kv_port=kv_port)))
-            kv_addresses[servers[-1].url] = f"127.0.0.1:{kv_port}"
+                served_name=MODEL, kv_config=kv_transfer_config("kv_producer", kv_port=kv_port,
+                                                                extra=bind), **where))
+            kv_addresses[servers[-1].url] = f"{where.get('host', '127.0.0.1')}:{kv_port}"
         for i in range(2):
             servers.append(start_server(
                 f"decode{i}", tiny_model_dir, free_port(), cpu_core=i, log_dir=logs,
                 served_name=MODEL, kv_config=kv_transfer_config("kv_consumer",
-                                                                kv_port=free_port())))
+                                                                kv_port=free_port()),
+                **net.place("decode")))
         wait_healthy(servers, timeout_s=400)
         prefill, decode = servers[:2], servers[2:]
         body = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
         want = {}
         for prompt in PROMPTS:  # colocated: a decode server alone, one prompt per call
-            r = httpx.post(decode[0].url + "/v1/completions", json=dict(body, prompt=prompt),
-                           timeout=120)
+            r = net.call(httpx.post, decode[0].url + "/v1/completions",
+                         json=dict(body, prompt=prompt), timeout=120)
             assert r.status_code == 200, r.text
             want[prompt] = r.json()["choices"][0]["text"]
         yield prefill, decode, want, logs, kv_addresses
@@ -107,13 +148,13 @@ def ask_each(router_url: str, want: dict, decode) -> list[tuple[str, str]]:
     return pairs
 
 
-def test_two_prefill_two_decode_behind_kvbridge_proxy(cluster):
+def test_two_prefill_two_decode_behind_kvbridge_proxy(cluster, net):
     prefill, decode, want, logs, kv_of = cluster
     proxy = Proxy([p.url for p in prefill], [d.url for d in decode], "--policy",
-                  "round-robin", log_dir=logs)
+                  "round-robin", log_dir=logs, **net.place("router"))
     try:
-        pairs = ask_each(proxy.url, want, decode)
-        metrics = httpx.get(proxy.url + "/metrics").text
+        pairs = net.call(ask_each, proxy.url, want, decode)
+        metrics = net.call(httpx.get, proxy.url + "/metrics").text
     finally:
         proxy.stop()
     print("pairings (producer kv address, decode):", Counter(pairs))
@@ -125,15 +166,15 @@ def test_two_prefill_two_decode_behind_kvbridge_proxy(cluster):
             assert re.search(rf'^kvbridge_proxy_pairs_total\{{decode="{re.escape(d.url)}",'
                              rf'prefill="{re.escape(p.url)}"\}} 2\.0$', metrics, re.M), metrics
     assert not re.search(r'^kvbridge_proxy_failures_total\{.*\} [1-9]', metrics, re.M)
-    producers_free(prefill)
+    net.call(producers_free, prefill)
 
 
-def test_two_prefill_two_decode_behind_vllm_router(cluster):
+def test_two_prefill_two_decode_behind_vllm_router(cluster, net):
     prefill, decode, want, logs, kv_of = cluster
     router = VllmRouter([p.url for p in prefill], [d.url for d in decode], logs,
-                        "--policy", "round_robin")
+                        "--policy", "round_robin", **net.place("router"))
     try:
-        pairs = ask_each(router.url, want, decode)
+        pairs = net.call(ask_each, router.url, want, decode)
     finally:
         router.stop()
     print("pairings behind vllm-router (producer kv address, decode):", Counter(pairs))
@@ -142,4 +183,4 @@ def test_two_prefill_two_decode_behind_vllm_router(cluster):
     # form is the router's choice.
     assert {a for a, _ in pairs} == set(kv_of.values())
     assert {d for _, d in pairs} == {d.url for d in decode}
-    producers_free(prefill)
+    net.call(producers_free, prefill)

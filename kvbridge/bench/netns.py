@@ -54,8 +54,8 @@ def netem_available() -> str | None:
 
 
 def enter(name: str) -> None:
-    """Move the calling process (a fresh child, before it opens sockets) into
-    namespace ``name``."""
+    """Move the calling thread into namespace ``name``: a fresh child process
+    before it opens sockets, or a thread of its own (``call_in``)."""
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
     try:
@@ -63,6 +63,19 @@ def enter(name: str) -> None:
             raise OSError(ctypes.get_errno(), f"setns into {name} failed")
     finally:
         os.close(fd)
+
+
+def call_in(name: str | None, fn, *args, **kw):
+    """``fn(*args, **kw)`` with its sockets in namespace ``name`` (None: here).
+
+    A network namespace belongs to a thread, so ``fn`` runs in a fresh thread
+    that entered ``name`` first; the caller's own thread stays where it is."""
+    if name is None:
+        return fn(*args, **kw)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, initializer=enter, initargs=(name,)) as pool:
+        return pool.submit(fn, *args, **kw).result()
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
