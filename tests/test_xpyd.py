@@ -40,6 +40,8 @@ MODEL = "tiny"
 PROMPTS = [f"Request {i}: " + ("the quick brown fox jumps over the lazy dog; " * (1 + 7 * i))
            for i in range(8)]
 MAX_TOKENS = 8
+#: short enough for the link-fault test to take seconds, not minutes
+FAULT_TIMEOUTS = {"transfer_timeout_s": 5, "lease_s": 15}
 
 
 class Net:
@@ -78,7 +80,7 @@ def cluster(tiny_model_dir, tmp_path_factory, net):
         for i in range(2):
             kv_port = free_port()
             where = net.place("prefill")
-            bind = {"host": where["host"]} if where else {}
+            bind = dict(FAULT_TIMEOUTS, **({"host": where["host"]} if where else {}))
             servers.append(start_server(
                 f"prefill{i}", tiny_model_dir, free_port(), cpu_core=i, log_dir=logs,
                 served_name=MODEL, kv_config=kv_transfer_config("kv_producer", kv_port=kv_port,
@@ -88,7 +90,8 @@ def cluster(tiny_model_dir, tmp_path_factory, net):
             servers.append(start_server(
                 f"decode{i}", tiny_model_dir, free_port(), cpu_core=i, log_dir=logs,
                 served_name=MODEL, kv_config=kv_transfer_config("kv_consumer",
-                                                                kv_port=free_port()),
+                                                                kv_port=free_port(),
+                                                                extra=FAULT_TIMEOUTS),
                 **net.place("decode")))
         wait_healthy(servers, timeout_s=400)
         prefill, decode = servers[:2], servers[2:]
@@ -119,8 +122,8 @@ def loaded(url: str) -> float:
                       'source="external_kv_transfer"')
 
 
-def producers_free(prefill) -> None:
-    deadline = time.monotonic() + 30
+def producers_free(prefill, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         usage = [metric_sum(p.url, "vllm:kv_cache_usage_perc") for p in prefill]
         if all(u == 0 for u in usage):
@@ -184,3 +187,66 @@ def test_two_prefill_two_decode_behind_vllm_router(cluster, net):
     assert {a for a, _ in pairs} == set(kv_of.values())
     assert {d for _, d in pairs} == {d.url for d in decode}
     net.call(producers_free, prefill)
+
+
+def test_link_down_mid_transfer_fails_the_request_and_the_engines_live(cluster, net):
+    """The prefill host's link throttled, then pulled while a decode is
+    loading: that request fails within the transfer timeout with the reason in
+    decode's log, the decode engine stays healthy, the producer frees the
+    blocks at lease end; with the link back, the next request works."""
+    if net.hosts is None:
+        pytest.skip(f"needs network namespaces: {netns.available()}")
+    prefill, decode, want, logs, kv_of = cluster
+    far = net.hosts[0]
+    p, d = prefill[0], decode[0]
+    prompt = "A long prompt so that its KV takes a while over a slow link. " * 150
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True}
+
+    def prefill_params() -> dict:
+        r = httpx.post(p.url + "/v1/completions", timeout=120, json=dict(
+            body, max_tokens=1, kv_transfer_params={"do_remote_decode": True}))
+        assert r.status_code == 200, r.text
+        return r.json()["kv_transfer_params"]
+
+    def decode_with(params: dict):
+        t0 = time.monotonic()
+        r = httpx.post(d.url + "/v1/completions", json=dict(body, kv_transfer_params=params),
+                       timeout=120)
+        return r, time.monotonic() - t0
+
+    # ~2 MiB of KV through 2 Mbit/s: about 8 s on the wire.
+    far.run("tc", "qdisc", "replace", "dev", far.device, "root", "tbf", "rate", "2mbit",
+            "burst", "32kb", "latency", "2s")
+    try:
+        params = net.call(prefill_params)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(net.call, decode_with, params)
+            time.sleep(2.0)
+            assert not pending.done(), "the transfer finished before the link went down"
+            far.link(False)
+            t_down = time.monotonic()
+            r, _ = pending.result(timeout=120)
+            failed_after = time.monotonic() - t_down
+        assert r.status_code >= 400, r.text  # kv_load_failure_policy "fail"
+        assert failed_after < FAULT_TIMEOUTS["transfer_timeout_s"] + 10, failed_after
+        log = d.log_path.read_text(errors="replace")
+        assert re.search(r"load of request \S+ failed: \S+: \[(timeout|peer_gone)\]", log), \
+            log[-3000:]
+        assert net.call(d.healthy), "the decode engine died"
+    finally:
+        far.link(True)
+        far.run("tc", "qdisc", "del", "dev", far.device, "root", check=False)
+    # The producer frees what the failed read held (at lease end), and the
+    # next request goes through on a fresh connection.
+    net.call(producers_free, prefill, timeout_s=FAULT_TIMEOUTS["lease_s"] + 30)
+    short = PROMPTS[3]
+    r = net.call(httpx.post, d.url + "/v1/completions", timeout=120, json={
+        "model": MODEL, "prompt": short, "max_tokens": MAX_TOKENS, "temperature": 0,
+        "ignore_eos": True, "kv_transfer_params": net.call(lambda: httpx.post(
+            p.url + "/v1/completions", timeout=120, json={
+                "model": MODEL, "prompt": short, "max_tokens": 1, "temperature": 0,
+                "kv_transfer_params": {"do_remote_decode": True}}).json()["kv_transfer_params"])})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want[short], r.text
