@@ -222,14 +222,27 @@ def decode(body: bytes) -> Message:
 
 # -- framed socket I/O ----------------------------------------------------------
 
-def tune_socket(sock: socket.socket, buffer_bytes: int) -> None:
-    """No Nagle delay on small messages; kernel buffers sized for bulk KV."""
+def tune_socket(sock: socket.socket, buffer_bytes: int, dead_peer_s: float | None = None) -> None:
+    """No Nagle delay on small messages; kernel buffers sized for bulk KV.
+
+    ``dead_peer_s``: TCP keepalive probes after that many idle seconds, so a
+    peer behind a pulled cable or a dead host is noticed within about twice
+    that (the idle time, then three probes): an idle connection that waits
+    for a direct read (cma, nixl) to finish would otherwise never learn it
+    will not, and the blocks it holds for that read would never be freed.
+    """
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
             sock.setsockopt(socket.SOL_SOCKET, opt, buffer_bytes)
         except OSError:  # capped by net.core.*mem_max: the kernel's size stands
             pass
+    if dead_peer_s and hasattr(socket, "TCP_KEEPIDLE"):  # Linux
+        idle = max(1, int(dead_peer_s))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def recv_exact_into(sock: socket.socket, view: memoryview) -> None:

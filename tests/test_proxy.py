@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.procs import HttpProcess
+from helpers.procs import Proxy, VllmRouter
 from kvbridge.serve.launch import free_port, kv_transfer_config, start_server, stop_all, wait_healthy
 
 pytestmark = pytest.mark.vllm
@@ -28,20 +28,6 @@ PROMPT = ("The socket module provides access to the BSD socket interface; it is 
           "on all modern Unix systems. ") * 4
 MESSAGES = [{"role": "user", "content": "Return a new sorted list from the items in "
              "iterable, with an optional key function. " * 3}]
-
-
-class Proxy(HttpProcess):
-    """A real ``kvbridge proxy`` process (stopped with ``stop()``, its group too)."""
-
-    def __init__(self, prefill: list[str], decode: list[str], *extra: str,
-                 wait: bool = True, log_dir: Path | None = None):
-        args = [KVBRIDGE, "proxy", "--port", "{port}", "--health-interval", "0.5"]
-        for u in prefill:
-            args += ["--prefill", u]
-        for u in decode:
-            args += ["--decode", u]
-        # 503: up, but no healthy pair behind it (yet).
-        super().__init__("proxy", args + list(extra), log_dir, wait=wait, ok=(200, 503))
 
 
 @pytest.fixture(scope="module")
@@ -144,29 +130,37 @@ def test_streaming_token_by_token(servers, proxy, path, body):
     vLLM itself merges tokens into one chunk when its API server falls behind
     the engine (a loaded machine), so the number of chunks is not the test:
     the answer must arrive spread over about the time decode takes to make
-    it (measured by the same request answered whole), not all at once.
+    it (measured by the same request answered whole), not all at once. On
+    two cores shared by two busy engines, this client (or a server's API
+    process) can go unscheduled for the whole answer and read it in one go:
+    a streaming proxy shows the spread in one of three tries, a buffering one
+    in none.
     """
     _, d, _ = servers
     t0 = time.perf_counter()
     want = text_of(colocated(d, path, dict(body, stream=False)))
     whole_s = time.perf_counter() - t0
-    lines, arrivals = [], []
-    with httpx.stream("POST", proxy.url + path, json=body, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line:
-                lines.append(line)
-                arrivals.append(time.perf_counter())
-    events = sse_events(lines)
-    assert events[-1] == "[DONE]"
-    assert stream_text(events) == want
-    token_events = [e for e in events if e != "[DONE]" and e.get("choices")]
-    assert len(token_events) >= 2, "the answer arrived in one chunk"
-    first_token = next(t for t, line in zip(arrivals, lines) if stream_text(sse_events([line])))
-    spread_s = arrivals[-1] - first_token
-    assert spread_s >= 0.25 * whole_s, (
-        f"the answer arrived within {spread_s * 1e3:.1f} ms of its first token, while decode "
-        f"takes {whole_s * 1e3:.0f} ms to make it: the proxy buffered")
+    spreads = []
+    for _ in range(3):
+        lines, arrivals = [], []
+        with httpx.stream("POST", proxy.url + path, json=body, timeout=120) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    arrivals.append(time.perf_counter())
+        events = sse_events(lines)
+        assert events[-1] == "[DONE]"
+        assert stream_text(events) == want
+        token_events = [e for e in events if e != "[DONE]" and e.get("choices")]
+        assert len(token_events) >= 2, "the answer arrived in one chunk"
+        first_token = next(t for t, line in zip(arrivals, lines)
+                           if stream_text(sse_events([line])))
+        spreads.append(arrivals[-1] - first_token)
+        if spreads[-1] >= 0.25 * whole_s:
+            return
+    pytest.fail(f"every answer arrived within {max(spreads) * 1e3:.1f} ms of its first token "
+                f"while decode takes {whole_s * 1e3:.0f} ms to make it: the proxy buffered")
 
 
 def test_bad_client_input_gets_openai_errors(proxy):
@@ -299,23 +293,12 @@ def test_decode_killed_mid_stream_gets_error_event(servers, tiny_model_dir, tmp_
         stop_all([d2])
 
 
-class VllmRouter(HttpProcess):
-    """The real ``vllm-router`` package in P/D mode, as production users run it."""
-
-    def __init__(self, prefill: str, decode: str, log_dir: Path):
-        exe = str(Path(sys.executable).parent / "vllm-router")
-        super().__init__("vllm-router", [
-            exe, "--vllm-pd-disaggregation", "--host", "127.0.0.1", "--port", "{port}",
-            "--prefill", prefill, "--decode", decode, "--kv-connector", "nixl"],
-            log_dir, health_path="/v1/models")
-
-
 def test_behind_vllm_router_streaming_chat(servers):
     p, d, logs = servers
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "temperature": 0,
             "ignore_eos": True}
     want = text_of(colocated(d, "/v1/chat/completions", body))
-    router = VllmRouter(p.url, d.url, logs)
+    router = VllmRouter([p.url], [d.url], logs)
     try:
         before = decode_sources(d)
         lines = []

@@ -13,9 +13,11 @@ installed ``vllm.general_plugins`` entry point registers it.
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvbridge.serve.launch import free_port, kv_transfer_config, start_server, stop_all, wait_healthy
 from kvbridge.protocol import PROTOCOL_VERSION
@@ -34,6 +36,32 @@ def prompt_sources(url: str) -> dict[str, int]:
                          r'([0-9.e+]+)$', text, re.M):
         out[m.group(1)] = out.get(m.group(1), 0) + int(float(m.group(2)))
     return out
+
+
+def kvbridge_samples(url: str) -> dict[str, float]:
+    """The decode server's ``vllm:kvbridge_*`` samples, summed over labels."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("vllm:kvbridge_") and "le" not in s.labels:
+                out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
+def kvbridge_delta(url: str, before: dict[str, float], transfers: int,
+                   timeout_s: float = 15.0) -> dict[str, float]:
+    """What /metrics added since ``before``, once ``transfers`` loads show: the
+    API server's Prometheus logger records the engine's stats as its outputs
+    arrive, which may be a step after the request's own answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = kvbridge_samples(url)
+        delta = {k: v - before.get(k, 0.0) for k, v in now.items()}
+        if delta.get("vllm:kvbridge_xfer_time_seconds_count", 0) >= transfers \
+                or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.25)
 
 
 def complete(url, model, prompt, max_tokens, kv_params=None):
@@ -73,8 +101,21 @@ def test_pd_servers_token_identical(tiny_model_dir, tmp_path, transport, colocat
         p = complete(prefill.url, "tiny", PROMPT, 1, {"do_remote_decode": True})
         params = p["kv_transfer_params"]
         assert params["kvbridge"] == PROTOCOL_VERSION and params["transport"] == transport
+        metrics_before = kvbridge_samples(decode.url)
         d = complete(decode.url, "tiny", PROMPT, MAX_TOKENS, params)
         assert d["choices"][0]["text"] == colocated_text
+        # The load shows on decode's /metrics: one transfer, of the KV bytes
+        # and blocks the decode answer reports, and no failure.
+        figures = d["kv_transfer_params"]
+        delta = kvbridge_delta(decode.url, metrics_before, transfers=1)
+        assert delta.get("vllm:kvbridge_xfer_time_seconds_count") == 1, delta
+        assert delta["vllm:kvbridge_xfer_time_seconds_sum"] > 0
+        assert delta["vllm:kvbridge_bytes_transferred_sum"] == figures["kvbridge_kv_bytes"] > 0
+        assert delta["vllm:kvbridge_blocks_transferred_sum"] == figures["kvbridge_kv_blocks"]
+        assert delta.get("vllm:kvbridge_failed_transfers_total", 0) == 0
+        # Its first pull from this producer shook hands (the transport's timing).
+        assert delta.get("vllm:kvbridge_handshakes_total", 0) >= 1, delta
+        assert delta["vllm:kvbridge_handshake_time_seconds_total"] > 0
         src = prompt_sources(decode.url)
         assert src.get("local_compute", 0) == 0, src
         assert src["external_kv_transfer"] == d["usage"]["prompt_tokens"]

@@ -1,36 +1,45 @@
 # SPDX-License-Identifier: Apache-2.0
-"""What the servers report: Prometheus /metrics snapshots, histogram figures,
-vLLM's "KV Transfer metrics" log lines, and a before/after ``Probe``."""
+"""What the servers report: Prometheus /metrics snapshots, histogram figures
+(the connectors' KV transfer histograms among them), and a before/after
+``Probe``."""
 
 from __future__ import annotations
 
 import math
-import re
 import time
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.pd_compare.servers import Stack
 
+#: the decode instance's KV transfer histograms, by connector: (transfer
+#: seconds, bytes per transfer, failed-transfer counter)
+TRANSFER_METRICS = {
+    "kvbridge": ("vllm:kvbridge_xfer_time_seconds", "vllm:kvbridge_bytes_transferred",
+                 "vllm:kvbridge_failed_transfers_total"),
+    "nixl": ("vllm:nixl_xfer_time_seconds", "vllm:nixl_bytes_transferred",
+             "vllm:nixl_num_failed_transfers_total"),
+}
+
+
+def parse_metrics(text: str) -> dict[tuple[str, str | None], float]:
+    """Prometheus text -> {(sample name, le): value}, summed over all other
+    labels (engines, models, failure reasons)."""
+    out: dict[tuple[str, str | None], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, sample.labels.get("le"))
+            out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
 def scrape(url: str) -> dict[tuple[str, str | None], float]:
-    """Prometheus text -> {(name, le): value}, summed over all other labels."""
     import httpx
 
     try:
-        text = httpx.get(url + "/metrics", timeout=5).text
+        return parse_metrics(httpx.get(url + "/metrics", timeout=5).text)
     except httpx.HTTPError:
         return {}
-    out: dict[tuple[str, str | None], float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        name, _, labels = head.partition("{")
-        m = re.search(r'le="([^"]+)"', labels)
-        key = (name, m.group(1) if m else None)
-        try:
-            out[key] = out.get(key, 0.0) + float(value)
-        except ValueError:
-            continue
-    return out
 
 
 def delta(after: dict, before: dict) -> dict:
@@ -64,45 +73,26 @@ def hist_quantile(d: dict, name: str, q: float) -> float | None:
     return prev_le
 
 
-_XFER_RE = re.compile(r"KV Transfer metrics: (.*)$")
-
-
-def transfer_log_stats(text: str) -> dict | None:
-    """Weighted mean transfer time from vLLM's "KV Transfer metrics" log lines
-    (KVBridge: "Avg transfer time (ms)", NixlConnector: "Avg xfer time (ms)")."""
-    n_tot, ms_tot, mb_tot, failed = 0, 0.0, 0.0, 0
-    for line in text.splitlines():
-        m = _XFER_RE.search(line)
-        if not m:
-            continue
-        kv = dict(p.split("=", 1) for p in m.group(1).split(", ") if "=" in p)
-        try:
-            n = int(float(kv.get("Num successful transfers", 0)))
-            avg = float(kv.get("Avg transfer time (ms)", kv.get("Avg xfer time (ms)", 0)))
-            failed += int(float(kv.get("Num failed transfers", 0) or 0))
-            if "Bytes transferred (MB)" in kv:      # KVBridge: total MB (1e6)
-                mb_tot += float(kv["Bytes transferred (MB)"])
-            elif "Avg MB per transfer" in kv:       # NIXL: MiB per transfer
-                mb_tot += float(kv["Avg MB per transfer"]) * n * 2**20 / 1e6
-        except ValueError:
-            continue
-        n_tot += n
-        ms_tot += avg * n
-    if n_tot == 0 and failed == 0:
-        return None
-    return {"transfers": n_tot, "mean_ms": ms_tot / n_tot if n_tot else None,
-            "mean_MB": mb_tot / n_tot if n_tot else None, "failed": failed}
+def transfer_stats(d: dict) -> dict | None:
+    """The KV transfers in a /metrics delta of a decode instance, from the
+    connector's own histograms: which connector, how many, mean ms and bytes,
+    failures. None when neither connector moved anything."""
+    for connector, (time_name, bytes_name, failed_name) in TRANSFER_METRICS.items():
+        n = hist_count(d, time_name)
+        failed = d.get((failed_name, None), 0.0)
+        if n or failed:
+            return {"connector": connector, "transfers": n,
+                    "mean_ms": _ms(hist_mean(d, time_name)),
+                    "mean_bytes": hist_mean(d, bytes_name), "failed": failed}
+    return None
 
 
 class Probe:
-    """Before/after snapshot of every /metrics endpoint and the decode log."""
+    """Before/after snapshot of every /metrics endpoint."""
 
     def __init__(self, st: Stack):
         self.st = st
-        dec = st.server("decode")
-        self.dec_log = dec.log_path if dec else None
         self.before = self._snap()
-        self.log_off = self.dec_log.stat().st_size if self.dec_log else 0
 
     def _snap(self) -> dict:
         snap = {s.name.split("-")[0]: scrape(s.url) for s in self.st.servers}
@@ -110,9 +100,10 @@ class Probe:
             snap["proxy"] = scrape(self.st.proxy_url)
         return snap
 
-    def finish(self, settle_s: float = 1.6) -> dict:
-        if self.dec_log:
-            time.sleep(settle_s)  # one stat-logger interval (VLLM_LOG_STATS_INTERVAL=1)
+    def finish(self, settle_s: float = 0.5) -> dict:
+        # The API server records the engine's stats (the connector's among
+        # them) as the engine's outputs arrive, up to a step after the answers.
+        time.sleep(settle_s)
         after = self._snap()
         d = {k: delta(after[k], self.before.get(k, {})) for k in after}
         out: dict = {}
@@ -140,16 +131,8 @@ class Probe:
                 "ttft_mean_ms": _ms(hist_mean(v, "vllm:time_to_first_token_seconds")),
                 "itl_mean_ms": _ms(hist_mean(v, "vllm:inter_token_latency_seconds")),
             }
-            if role == "decode" and hist_count(v, "vllm:nixl_xfer_time_seconds"):
-                out["nixl_prom"] = {
-                    "transfers": hist_count(v, "vllm:nixl_xfer_time_seconds"),
-                    "mean_ms": _ms(hist_mean(v, "vllm:nixl_xfer_time_seconds")),
-                    "mean_bytes": hist_mean(v, "vllm:nixl_bytes_transferred"),
-                }
-        if self.dec_log:
-            with open(self.dec_log, "rb") as f:
-                f.seek(self.log_off)
-                out["transfer_log"] = transfer_log_stats(f.read().decode(errors="replace"))
+            if role == "decode":
+                out["transfer_prom"] = transfer_stats(v)
         return out
 
 

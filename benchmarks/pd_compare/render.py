@@ -156,11 +156,12 @@ def crosscheck_table(results: list[dict], plan: dict) -> str:
     return (
         "KV transfer time cross-check (ms): side = a few non-streaming requests through the "
         "router after workload 1 (header = X-KVBridge-Transfer-Ms, KVBridge only; prom = "
-        "vllm:nixl_xfer_time_seconds on the decode instance, NIXL only; log = vLLM's "
-        "'KV Transfer metrics' lines of the decode instance); under load = the log figure "
-        "during workload 1:\n" + table(["config", "prompt", "side n", "side header",
-                                        "side KV MiB", "side prom", "side log", "under load"],
-                                       rows4))
+        "the connector's transfer histogram on the decode instance's /metrics, "
+        "vllm:kvbridge_xfer_time_seconds or vllm:nixl_xfer_time_seconds; log = vLLM's "
+        "'KV Transfer metrics' lines of the decode instance, in results recorded before "
+        "KVBridge exported its histogram); under load = the same figure during "
+        "workload 1:\n" + table(["config", "prompt", "side n", "side header",
+                                 "side KV MiB", "side prom", "side log", "under load"], rows4))
 
 
 def run_notes(results: list[dict]) -> list[str]:

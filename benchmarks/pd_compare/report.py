@@ -20,13 +20,24 @@ def get(d: dict, *path):
     return d
 
 
+def prom_xfer_ms(server: dict) -> float | None:
+    """Mean KV transfer ms from the decode instance's /metrics: the connector's
+    transfer histogram (``transfer_prom``; results recorded before KVBridge
+    exported one have NIXL's alone, as ``nixl_prom``)."""
+    if "transfer_prom" in server:
+        return get(server, "transfer_prom", "mean_ms")
+    return get(server, "nixl_prom", "mean_ms")
+
+
 def xfer_ms(res: dict, wl: str) -> tuple[float | None, str]:
-    """KV transfer ms/request for a workload: decode-log stats under load, else
-    NIXL's Prometheus histogram, else the side measurement's headers."""
+    """KV transfer ms/request for a workload, under load: the decode instance's
+    /metrics. Results recorded before KVBridge exported its histogram have the
+    decode log's "KV Transfer metrics" figures instead, preferred then as now."""
     w = get(res, "workloads", wl, "server") or {}
-    tl = w.get("transfer_log")
-    if tl and tl.get("mean_ms") is not None:
-        return tl["mean_ms"], "log"
+    if get(w, "transfer_prom", "mean_ms") is not None:
+        return w["transfer_prom"]["mean_ms"], "prom"
+    if get(w, "transfer_log", "mean_ms") is not None:
+        return w["transfer_log"]["mean_ms"], "log"
     if get(w, "nixl_prom", "mean_ms") is not None:
         return w["nixl_prom"]["mean_ms"], "prom"
     return None, ""
@@ -181,7 +192,7 @@ def transfer_crosscheck(results: list[dict], plan: dict) -> list[dict]:
             rows.append({"config": r["config"], "prompt": L, "n": len(s),
                          "header_ms": statistics.median(hdr) if hdr else None,
                          "kv_mib": statistics.median(kvb) / 2**20 if kvb else None,
-                         "prom_ms": get(srv, "nixl_prom", "mean_ms"),
+                         "prom_ms": prom_xfer_ms(srv),
                          "log_ms": get(srv, "transfer_log", "mean_ms"),
                          "under_load_ms": xfer_ms(r, f"w1_{L}")[0]})
     return rows

@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 #: Environment every CPU server gets unless the caller overrides it.
@@ -82,6 +82,8 @@ class VllmServer:
     log_path: Path
     host: str = "127.0.0.1"
     args: list[str] = field(default_factory=list)
+    #: the network namespace it runs in (``kvbridge.bench.netns``); None: this one
+    netns: str | None = None
 
     @property
     def url(self) -> str:
@@ -91,6 +93,10 @@ class VllmServer:
         return self.proc.poll() is None
 
     def healthy(self) -> bool:
+        if self.netns is not None:
+            from kvbridge.bench.netns import call_in
+
+            return call_in(self.netns, VllmServer.healthy, replace(self, netns=None))
         try:
             with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                 return r.status == 200
@@ -132,13 +138,15 @@ def start_server(name: str, model: str, port: int, *, kv_config: dict | None = N
                  block_size: int = 128, dtype: str = "bfloat16", max_model_len: int = 4096,
                  cpu_core: int | None = None, log_dir: str | Path | None = None,
                  extra_args: list[str] | None = None, env: dict | None = None,
-                 served_name: str | None = None) -> VllmServer:
-    """Start one server on 127.0.0.1:``port`` (returns at once; see ``wait_healthy``)."""
+                 served_name: str | None = None, host: str = "127.0.0.1",
+                 netns: str | None = None) -> VllmServer:
+    """Start one server on ``host``:``port`` (returns at once; see ``wait_healthy``),
+    inside network namespace ``netns`` if given (``kvbridge.bench.netns``)."""
     log_dir = Path(log_dir or os.environ.get("KVBRIDGE_LOG_DIR", "/tmp/kvbridge-logs"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"
     args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+            "--host", host, "--port", str(port), "--enforce-eager",
             "--block-size", str(block_size), "--dtype", dtype,
             "--max-model-len", str(max_model_len), "--seed", "0"]
     if served_name:
@@ -149,10 +157,12 @@ def start_server(name: str, model: str, port: int, *, kv_config: dict | None = N
     full_env = {**os.environ, **CPU_ENV, **(env or {})}
     if cpu_core is not None:
         full_env.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(cpu_core))
+    # ip netns exec execs the command: the process (group) is the server's.
+    argv = (["ip", "netns", "exec", netns] if netns else []) + args
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env,
                                 start_new_session=True, stdin=subprocess.DEVNULL)
-    return VllmServer(name, port, proc, log_path, args=args)
+    return VllmServer(name, port, proc, log_path, host=host, args=args, netns=netns)
 
 
 def wait_healthy(servers: list[VllmServer], timeout_s: float = 240.0,

@@ -85,7 +85,8 @@ class Transport(ProducerSide, ConsumerSide):
 
     def _tune(self, sock: socket.socket) -> None:
         """Socket options of every control connection, either side."""
-        P.tune_socket(sock, self.config.socket_buffer_bytes)
+        P.tune_socket(sock, self.config.socket_buffer_bytes,
+                      dead_peer_s=self.config.transfer_timeout_s)
 
     # ------------------------------------------------------------------ lifecycle
     def metrics(self) -> dict:

@@ -151,6 +151,9 @@ class ConsumerSide(PeerLinks):
         sock = conn.sock
         assert sock is not None
         reason, code = "connection closed", ErrorCode.PEER_GONE
+        #: the pull whose bytes are being received: out of ``conn.inflight``,
+        #: so a failure mid-transfer must fail it here
+        receiving: TransferHandle | None = None
         try:
             while not conn.closed:
                 try:
@@ -177,8 +180,10 @@ class ConsumerSide(PeerLinks):
                         self._fail(handle, f"producer refused the pull: {msg.message}",
                                    _known_code(msg.code))
                         continue
+                    receiving = handle
                     ok = self._receive_pull(conn, handle, msg)
                     self._finish_read(conn, handle, ok, msg)
+                    receiving = None
                 elif isinstance(msg, P.Error):
                     raise TransferError(f"producer error ({msg.code}): {msg.message}",
                                         _known_code(msg.code))
@@ -199,6 +204,8 @@ class ConsumerSide(PeerLinks):
             code = ErrorCode.TRANSFER
         finally:
             self._close_peer(conn, reason, code)
+            if receiving is not None:
+                self._fail(receiving, reason, code)
 
     def _check_stalled(self, conn: PeerConnection) -> None:
         if conn.inflight:

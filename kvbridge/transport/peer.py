@@ -113,6 +113,9 @@ class PeerLinks:
             else:
                 self.stats.handshakes += 1
                 self.stats.handshake_seconds += time.monotonic() - t0
+                # Which producers this consumer reads from, once per connection.
+                logger.info("kvbridge: paired with producer %s (%s, handshake %.1f ms)",
+                            conn.address, self.name, 1e3 * (time.monotonic() - t0))
             conn.reader = threading.Thread(target=self._reader_loop, args=(conn,), daemon=True,
                                            name=f"{self.name}-reader-{conn.address}")
             conn.reader.start()

@@ -27,7 +27,7 @@ from vllm.version import __version__ as VLLM_VERSION
 from kvbridge.vllm import compat
 from kvbridge.vllm.metadata import KVBridgeConnectorMetadata, KVBridgeHandshakeMetadata
 from kvbridge.vllm.scheduler import KVBridgeScheduler
-from kvbridge.vllm.stats import KVBridgeKVConnectorStats
+from kvbridge.vllm.stats import KVBridgeKVConnectorStats, KVBridgePromMetrics
 from kvbridge.vllm.worker import KVBridgeWorker
 
 # Refuse to load, naming the supported vLLM range, when this vLLM lacks a hook
@@ -92,6 +92,15 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
         return KVBridgeKVConnectorStats(data=data) if data is not None \
             else KVBridgeKVConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict,
+                           labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]],
+                           ) -> KVBridgePromMetrics:
+        # vLLM's Prometheus stat logger (API server process): vllm:kvbridge_*
+        return KVBridgePromMetrics(vllm_config, metric_types, labelnames,
+                                   per_engine_labelvalues)
 
     # ---------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request: Request,

@@ -188,7 +188,9 @@ class KVBridgeScheduler:
         if figures is not None:
             nbytes, seconds, blocks = figures
             out = {"kvbridge_kv_bytes": nbytes, "kvbridge_kv_blocks": blocks,
-                   "kvbridge_transfer_ms": round(seconds * 1e3, 3)}
+                   "kvbridge_transfer_ms": round(seconds * 1e3, 3),
+                   # where the KV came from (a router's or operator's pairing view)
+                   "kvbridge_producers": list(params.get("remote_addresses") or [])}
             if per_group is not None:
                 out["kvbridge_kv_blocks_by_group"] = per_group
             return False, out

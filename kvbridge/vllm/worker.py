@@ -59,6 +59,7 @@ from vllm.logger import init_logger
 
 from kvbridge.cache import kernels
 from kvbridge.agent import KVAgent
+from kvbridge.errors import ErrorCode, code_of
 from kvbridge.cache.blocks import PagedKVCache
 from kvbridge.cache.mirror import HostMirror
 from kvbridge.transport import TransferHandle, TransferState
@@ -94,6 +95,7 @@ class _Load:
     spec: RecvSpec
     handles: list[TransferHandle] = field(default_factory=list)
     error: str | None = None
+    error_code: ErrorCode | None = None
     #: producer ranks read or handed back: where a release goes
     peers: list[str] = field(default_factory=list)
     aborted: bool = False
@@ -134,6 +136,8 @@ class KVBridgeWorker:
         #: host mirror of a device KV cache (see config: host_staging)
         self.mirror: HostMirror | None = None
         self._mirror_reported: tuple[int, int, float] = (0, 0, 0.0)
+        #: the transport's (handshakes, handshake_seconds) already reported
+        self._handshakes_reported: tuple[int, float] = (0, 0.0)
         #: sleep mode: the transport is closed until restore_kv_caches
         self.kv_unregistered = False
 
@@ -209,6 +213,8 @@ class KVBridgeWorker:
             return
         assert self.agent is not None
         address = self._start_agent(instance_id=self.agent.instance_id)
+        # The new transport counts its handshakes from zero.
+        self._handshakes_reported = (0, 0.0)
         self.kv_unregistered = False
         logger.info("KVBridgeConnector: transport restored after sleep mode%s",
                     f", serving on {address}" if address else "")
@@ -314,6 +320,7 @@ class KVBridgeWorker:
                                                    instance_ids=spec.instance_ids)
         except Exception as e:  # noqa: BLE001 - bad ids, unpairable TP: a load error
             load.error = f"{type(e).__name__}: {e}"
+            load.error_code = code_of(e)
 
     def get_finished(self, finished_req_ids: set[str] | None = None,
                      ) -> tuple[set[str] | None, set[str] | None]:
@@ -353,13 +360,13 @@ class KVBridgeWorker:
         if load.ok():
             nbytes = sum(h.nbytes for h in load.handles)
             seconds = max(h.duration_s or 0.0 for h in load.handles)
-            self._stats.record_transfer(nbytes, seconds)
+            self._stats.record_transfer(nbytes, seconds, len(spec.local_block_ids))
             self._finished_transfers[req_id] = (nbytes, seconds, len(spec.local_block_ids))
             # Rule 3: blocks the producer never sent (logged when scheduled).
             self._report_load_error(req_id, spec.missing_local_ids)
             return
         failed = [h for h in load.handles if h.state != TransferState.DONE]
-        self._stats.record_failure(str(h.error_code) for h in failed if h.error_code)
+        self._stats.record_failure(_failure_reason(load, failed))
         bad = list(spec.local_block_ids)
         if failed and all(h.invalid_local_ids for h in failed):
             self._stats.bump("num_checksum_failures")
@@ -401,6 +408,17 @@ class KVBridgeWorker:
         return errors
 
     def get_kv_connector_stats(self) -> KVBridgeKVConnectorStats | None:
+        if self.agent is not None:
+            # The transport times its handshakes (on its own threads) and
+            # counts since start; report what this interval added. Its stats
+            # object, not metrics(): this runs every step.
+            transport_stats = self.agent.transport.stats
+            now_hs = (transport_stats.handshakes, transport_stats.handshake_seconds)
+            last_hs = self._handshakes_reported
+            if now_hs[0] != last_hs[0]:
+                self._stats.bump("num_handshakes", now_hs[0] - last_hs[0])
+                self._stats.bump("handshake_seconds", now_hs[1] - last_hs[1])
+                self._handshakes_reported = now_hs
         if self.mirror is not None:
             # The mirror counts since start; report what this interval added.
             now = (self.mirror.blocks_to_host, self.mirror.blocks_to_device, self.mirror.seconds)
@@ -411,8 +429,7 @@ class KVBridgeWorker:
             self._mirror_reported = now
         if self._stats.is_empty():
             return None
-        out = KVBridgeKVConnectorStats(data=dict(self._stats.data))
-        self._stats.reset()
+        out, self._stats = self._stats, KVBridgeKVConnectorStats()
         return out
 
     def shutdown(self) -> None:
@@ -421,3 +438,17 @@ class KVBridgeWorker:
             self.agent.close()
             logger.info("KVBridgeConnector worker shut down in %.1f ms",
                         1e3 * (time.monotonic() - t0))
+
+
+def _failure_reason(load: _Load, failed: list[TransferHandle]) -> ErrorCode:
+    """The one ``ErrorCode`` a failed load is counted under: that of the pull
+    that failed first. The request's other pulls were cancelled because of
+    it, so their ``cancelled`` names no cause; it counts only when no pull
+    failed for another reason."""
+    if not load.handles:
+        return load.error_code or ErrorCode.TRANSFER
+    by_time = sorted(failed, key=lambda h: h.finished_at or float("inf"))
+    for handle in by_time:
+        if handle.error_code not in (None, ErrorCode.CANCELLED):
+            return handle.error_code
+    return next((h.error_code for h in by_time if h.error_code), ErrorCode.TRANSFER)

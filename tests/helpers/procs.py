@@ -26,9 +26,10 @@ import threading
 import time
 from pathlib import Path
 
+from kvbridge.bench.netns import call_in
 from kvbridge.serve.launch import free_port, stop_group, wait_http_healthy
 
-from helpers.transport_peer import producer_main
+from helpers.transport_peer import consumer_main, producer_main
 
 HELPERS = Path(__file__).parent
 #: what a transport producer gets in its environment
@@ -66,19 +67,22 @@ def stopped(pid: int):
 class Producer:
     """Handle on a producer process."""
 
+    target = staticmethod(producer_main)
+    seed: int | None = 11
+
     def __init__(self, backend: str, cache_kw: dict | None = None, config_kw: dict | None = None,
                  env: dict | None = None):
         ctx = mp.get_context("spawn")
         self.pipe, child = ctx.Pipe()
-        kw = dict(num_blocks=NUM_BLOCKS, seed=11)
+        kw = dict(num_blocks=NUM_BLOCKS, seed=self.seed)
         kw.update(cache_kw or {})
-        self.proc = ctx.Process(target=producer_main,
+        self.proc = ctx.Process(target=self.target,
                                 args=(child, backend, kw, config_kw or {}, {**ENV, **(env or {})}),
                                 daemon=True)
         self.proc.start()
         if not self.pipe.poll(180):  # spawn imports torch: slow on a loaded machine
             self.kill()
-            raise RuntimeError("producer did not start")
+            raise RuntimeError(f"{type(self).__name__.lower()} did not start")
         self.address = self.pipe.recv()
 
     def call(self, *cmd, timeout: float = 30):
@@ -114,6 +118,23 @@ class Producer:
                 pass
         self.proc.join(10)
         self.kill()
+
+
+class Consumer(Producer):
+    """Handle on a consumer process (see ``transport_peer.consumer_main``):
+    zeroed cache; ``pull`` starts, ``wait`` returns (state, code, error, seconds)."""
+
+    target = staticmethod(consumer_main)
+    seed = None
+
+    def pull(self, peer: str, rid: str, remote, local) -> None:
+        assert self.call("pull", peer, rid, list(remote), list(local)) is None
+
+    def state(self, rid: str) -> str:
+        return self.call("state", rid)
+
+    def wait(self, rid: str, timeout: float) -> tuple:
+        return self.call("wait", rid, timeout, timeout=timeout + 30)
 
 
 class Engine:
@@ -195,19 +216,21 @@ class HttpProcess:
 
     def __init__(self, name: str, args: list[str], log_dir: Path | None = None, *,
                  wait: bool = True, health_path: str = "/health", ok=(200,),
-                 timeout_s: float = 60):
+                 timeout_s: float = 60, host: str = "127.0.0.1", netns: str | None = None):
         self.name = name
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
+        self.netns = netns
         self.log_path = Path(log_dir or "/tmp") / f"{name}-{self.port}.log"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([a.replace("{port}", str(self.port)) for a in args],
+        argv = [a.replace("{port}", str(self.port)).replace("{host}", host) for a in args]
+        self.proc = subprocess.Popen((["ip", "netns", "exec", netns] if netns else []) + argv,
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         if wait:
             try:
-                wait_http_healthy(self.proc, self.url, timeout_s, self.log_path, name,
-                                  path=health_path, ok=ok)
+                call_in(netns, wait_http_healthy, self.proc, self.url, timeout_s,
+                        self.log_path, name, path=health_path, ok=ok)
             except BaseException:
                 self.stop()
                 raise
@@ -219,3 +242,38 @@ class HttpProcess:
     def stop(self):
         stop_group(self.proc)
         self.log.close()
+
+
+KVBRIDGE = str(Path(sys.executable).parent / "kvbridge")
+
+
+class Proxy(HttpProcess):
+    """A real ``kvbridge proxy`` process (stopped with ``stop()``, its group too)."""
+
+    def __init__(self, prefill: list[str], decode: list[str], *extra: str,
+                 wait: bool = True, log_dir: Path | None = None, host: str = "127.0.0.1",
+                 netns: str | None = None):
+        args = [KVBRIDGE, "proxy", "--host", "{host}", "--port", "{port}",
+                "--health-interval", "0.5"]
+        for u in prefill:
+            args += ["--prefill", u]
+        for u in decode:
+            args += ["--decode", u]
+        # 503: up, but no healthy pair behind it (yet).
+        super().__init__("proxy", args + list(extra), log_dir, wait=wait, ok=(200, 503),
+                         host=host, netns=netns)
+
+
+class VllmRouter(HttpProcess):
+    """The real ``vllm-router`` package in P/D mode, as production users run it."""
+
+    def __init__(self, prefill: list[str], decode: list[str], log_dir: Path, *extra: str,
+                 host: str = "127.0.0.1", netns: str | None = None):
+        args = [str(Path(sys.executable).parent / "vllm-router"), "--vllm-pd-disaggregation",
+                "--host", "{host}", "--port", "{port}", "--kv-connector", "nixl"]
+        for u in prefill:
+            args += ["--prefill", u]
+        for u in decode:
+            args += ["--decode", u]
+        super().__init__("vllm-router", args + list(extra), log_dir, health_path="/v1/models",
+                         host=host, netns=netns)

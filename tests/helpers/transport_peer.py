@@ -46,8 +46,20 @@ def digest(cache, block_ids) -> str:
     return h.hexdigest()
 
 
+#: env key: the network namespace a helper process enters before any socket
+NETNS_ENV = "KVBRIDGE_TEST_NETNS"
+
+
+def _enter_netns(env: dict) -> None:
+    if env.get(NETNS_ENV):
+        from kvbridge.bench.netns import enter
+
+        enter(env[NETNS_ENV])
+
+
 def producer_main(pipe, backend: str, cache_kw: dict, config_kw: dict, env: dict) -> None:
     os.environ.update(env)
+    _enter_netns(env)
     from kvbridge.transport import TransportConfig, create_transport
 
     cache = make_cache(**cache_kw)
@@ -70,6 +82,40 @@ def producer_main(pipe, backend: str, cache_kw: dict, config_kw: dict, env: dict
             pipe.send(transport.metrics())
         elif cmd == "held":
             pipe.send(transport.leases.held())
+        elif cmd == "digest":
+            pipe.send(digest(cache, args[0]))
+        elif cmd == "stop":
+            transport.close()
+            pipe.send(None)
+            return
+
+
+def consumer_main(pipe, backend: str, cache_kw: dict, config_kw: dict, env: dict) -> None:
+    """A consumer in its own process (and namespace): pulls started by one
+    command and waited for by another, so a test can act in between."""
+    os.environ.update(env)
+    _enter_netns(env)
+    import time
+
+    from kvbridge.transport import TransportConfig, create_transport
+
+    cache = make_cache(**cache_kw)
+    transport = create_transport(backend, cache, TransportConfig(**config_kw))
+    handles = {}
+    pipe.send(None)
+    while True:
+        cmd, *args = pipe.recv()
+        if cmd == "pull":
+            peer, rid, remote, local = args
+            handles[rid] = (transport.pull(peer, rid, remote, local), time.monotonic())
+            pipe.send(None)
+        elif cmd == "state":
+            pipe.send(handles[args[0]][0].state.value)
+        elif cmd == "wait":
+            h, t0 = handles[args[0]]
+            state = h.wait(args[1])
+            pipe.send((state.value, str(h.error_code) if h.error_code else None, h.error,
+                       time.monotonic() - t0))
         elif cmd == "digest":
             pipe.send(digest(cache, args[0]))
         elif cmd == "stop":

@@ -5,7 +5,6 @@ of the same bytes moved by memcpy, a raw socket and raw NIXL."""
 from __future__ import annotations
 
 import ctypes
-import multiprocessing as mp
 import os
 import socket
 import struct
@@ -16,6 +15,7 @@ import numpy as np
 
 from kvbridge.bench.common import Progress, fmt_bytes
 from kvbridge.bench.transport.memory import digest, fill_random
+from kvbridge.bench.transport.peers import Peers
 from kvbridge.bench.transport.plan import (
     POISON,
     PULL_TIMEOUT_S,
@@ -38,8 +38,11 @@ from kvbridge.protocol import recv_exact_into, tune_socket
 _SOCK_HDR = struct.Struct("!cQ")  # op (S: send n bytes, D: digest of n bytes, Q: quit), n
 
 
-def _socket_sender_main(port: int, max_bytes: int, seed: int, sock_buf: int) -> None:
-    """Raw-socket baseline peer: serves byte ranges of one contiguous buffer."""
+def socket_sender_main(pipe: Connection, host: str, port: int, max_bytes: int, seed: int,
+                       sock_buf: int) -> None:
+    """Raw-socket baseline peer: dials the measuring process at ``host:port``
+    and serves byte ranges of one contiguous buffer (``pipe``: unused, it
+    only ties this helper's life to its starter's)."""
     buf = np.empty(max_bytes, dtype=np.uint8)
     fill_random(buf, seed, 0)
     mv = memoryview(buf)
@@ -47,7 +50,7 @@ def _socket_sender_main(port: int, max_bytes: int, seed: int, sock_buf: int) -> 
     # Buffers before connect, so the window scale is negotiated for them.
     tune_socket(sock, sock_buf)
     try:
-        sock.connect(("127.0.0.1", port))
+        sock.connect((host, port))
         hdr = bytearray(_SOCK_HDR.size)
         while True:  # until the parent closes the connection (PeerClosed is an OSError)
             recv_exact_into(sock, memoryview(hdr))
@@ -64,7 +67,7 @@ def _socket_sender_main(port: int, max_bytes: int, seed: int, sock_buf: int) -> 
         sock.close()
 
 
-def _nixl_target_main(pipe: Connection, max_bytes: int, seed: int) -> None:
+def nixl_target_main(pipe: Connection, max_bytes: int, seed: int) -> None:
     """Raw-NIXL baseline peer: one registered contiguous buffer to READ from.
 
     Startup replies ``("ok", (agent metadata, buffer address))``; then
@@ -130,22 +133,21 @@ def bench_memcpy(cases: list[Case], timing: Timing, prog: Progress) -> list[dict
     return results
 
 
-def bench_socket(cases: list[Case], timing: Timing, prog: Progress) -> list[dict]:
+def bench_socket(cases: list[Case], timing: Timing, prog: Progress,
+                 peers: Peers | None = None) -> list[dict]:
     from kvbridge.transport import TransportConfig
 
+    peers = peers or Peers()
     sock_buf = TransportConfig().socket_buffer_bytes
     max_bytes = max(c.nbytes for c in cases)
-    ctx = mp.get_context("spawn")
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     tune_socket(listener, sock_buf)  # inherited by the accepted socket
-    listener.bind(("127.0.0.1", 0))
+    listener.bind((peers.host, 0))
     listener.listen(1)
     listener.settimeout(START_TIMEOUT_S)
-    proc = ctx.Process(target=_socket_sender_main,
-                       args=(listener.getsockname()[1], max_bytes, SEED, sock_buf),
-                       daemon=True, name="kvbridge-bench-socket-sender")
     t0 = time.perf_counter()
-    proc.start()
+    pipe, proc = peers.start("socket-sender", peers.host, listener.getsockname()[1], max_bytes,
+                             SEED, sock_buf)
     conn: socket.socket | None = None
     results = []
     try:
@@ -191,20 +193,17 @@ def bench_socket(cases: list[Case], timing: Timing, prog: Progress) -> list[dict
                 pass
             conn.close()
         stop_process(proc)
+        pipe.close()
     return results
 
 
-def bench_nixl_raw(cases: list[Case], timing: Timing, prog: Progress) -> list[dict]:
+def bench_nixl_raw(cases: list[Case], timing: Timing, prog: Progress,
+                   peers: Peers | None = None) -> list[dict]:
     from nixl._api import nixl_agent, nixl_agent_config
 
     max_bytes = max(c.nbytes for c in cases)
-    ctx = mp.get_context("spawn")
-    pipe, child = ctx.Pipe()
-    proc = ctx.Process(target=_nixl_target_main, args=(child, max_bytes, SEED), daemon=True,
-                       name="kvbridge-bench-nixl-target")
     t0 = time.perf_counter()
-    proc.start()
-    child.close()
+    pipe, proc = (peers or Peers()).start("nixl-target", max_bytes, SEED)
     agent = reg = remote = None
     results = []
     try:

@@ -17,6 +17,10 @@ from kvbridge.bench.transport.runner import measure
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 if every transfer completed and verified."""
+    if getattr(args, "listen", None):
+        from kvbridge.bench.transport.peers import serve
+
+        return serve(args.listen)
     try:
         plan = build_plan(args)
     except PlanError as e:
@@ -42,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     print("\n" + "\n".join(footer))
 
-    name = "transport" + ("-quick" if plan.quick else "")
+    name = "transport" + ("-remote" if plan.connect else "") + ("-quick" if plan.quick else "")
     png = render.plot(results, plan.series, results_dir() / f"{name}.png",
                       f"kvbridge bench transport{' --quick' if plan.quick else ''}: producer "
-                      f"-> consumer on 127.0.0.1 ({os.cpu_count()} CPUs)")
+                      f"-> consumer over {plan.peers.link} ({os.cpu_count()} CPUs)")
     out = write_results(name, render.payload(report, png), text + "\n\n" + "\n".join(footer),
                         getattr(args, "json", None))
     print(f"\nwrote {out}" + (f" and {png}" if png else ""), file=sys.stderr)

@@ -148,6 +148,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
               "config) and without (series NAME-nocsum), or only one way [both]")
     _add(parser, "--reps", type=int, default=5,
          help="least repetitions per measurement; the median is reported [5]")
+    two_hosts = parser.add_mutually_exclusive_group()
+    two_hosts.add_argument(
+        "--listen", metavar="ADDR:PORT",
+        help="two hosts: run the far ends (producers, baseline peers) here, listening on "
+             "ADDR:PORT, until Ctrl-C; the other host runs --connect ADDR:PORT. Both set "
+             "$KVBRIDGE_SECRET alike, and UCX_NET_DEVICES to the link's device for nixl")
+    two_hosts.add_argument(
+        "--connect", metavar="ADDR:PORT",
+        help="two hosts: measure from here against the far ends of a --listen host (same "
+             "table and files, named transport-remote; cma is same-host only and left out)")
 
 
 
@@ -171,6 +181,15 @@ class Plan:
     baselines: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timing: Timing = field(default_factory=lambda: Timing(5, 0.5))
+    #: HOST:PORT of a ``--listen`` host running the far ends; None: this host
+    connect: str | None = None
+
+    @property
+    def peers(self):
+        """Where the far ends run (``peers.Peers``: this host, or the listener)."""
+        from kvbridge.bench.transport.peers import Peers, RemotePeers
+
+        return RemotePeers(self.connect) if self.connect else Peers()
 
     @property
     def runs(self) -> list[tuple[str, bool]]:
@@ -231,6 +250,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
     """The plan for ``args``; its ``cases`` may be empty (see ``skipped``)."""
     quick = bool(getattr(args, "quick", False))
     backends = select_backends(getattr(args, "backends", None))
+    connect = getattr(args, "connect", None)
+    notes = []
+    if connect and "cma" in backends:
+        backends.remove("cma")
+        notes.append("cma skipped: cross-memory attach reaches processes of this host only")
     sizes_arg = getattr(args, "sizes", None)
     if isinstance(sizes_arg, str):
         sizes_arg = parse_sizes(sizes_arg)
@@ -238,7 +262,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     cases, skipped = make_plan(sorted(set(sizes)), getattr(args, "block", "auto") or "auto")
     modes = {"both": [True, False], "on": [True], "off": [False]}[
         getattr(args, "checksum", None) or "both"]
-    plan = Plan(quick, backends, cases, skipped, modes,
+    plan = Plan(quick, backends, cases, skipped, modes, notes=notes, connect=connect,
                 timing=Timing(min_reps=max(1, getattr(args, "reps", 5) or 5),
                               min_time=0.15 if quick else 0.5))
     if getattr(args, "baselines", False) and cases:

@@ -15,6 +15,7 @@ from typing import Any
 from kvbridge.bench.common import Progress, fmt_bytes
 from kvbridge.bench.transport.plan import BASELINES, Case, Timing, layer_block_bytes
 
+
 def reply(pipe: Connection, proc: mp.process.BaseProcess, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     # poll() returns as soon as a reply is there; the short slices only serve

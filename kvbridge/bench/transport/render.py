@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 
 from kvbridge.bench.common import fmt_bytes, table
-from kvbridge.bench.transport.plan import BASELINES, NO_CHECKSUM, NUM_LAYERS, layer_block_bytes
+from kvbridge.bench.transport.plan import (
+    BASELINES,
+    NO_CHECKSUM,
+    NUM_LAYERS,
+    layer_block_bytes,
+)
 from kvbridge.bench.transport.report import Report
 
 
@@ -73,7 +78,8 @@ def footer(report: Report) -> list[str]:
         "warm-up; bytes = blocks x 2 layers x layer-block.",
         f"block: layer-block [kv_heads, block_size, 2*head_size] bf16: {shape_notes}.",
         f"kvbridge backends ({', '.join(plan.backends) or 'none'}): producer process -> "
-        "consumer process over 127.0.0.1, random non-contiguous block ids on both sides, a "
+        f"consumer process over {plan.peers.link}, random non-contiguous block ids on both "
+        "sides, a "
         "fresh request id per pull; latency = pull() to DONE, the consumer's checksum "
         f"verification included (series {NO_CHECKSUM}: checksums off); the producer "
         "digests blocks when it publishes, outside the timed pull.",

@@ -4,7 +4,6 @@ per kvbridge backend, this process as the consumer, then the baselines."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import statistics
 import time
 from multiprocessing.connection import Connection
@@ -12,6 +11,7 @@ from multiprocessing.connection import Connection
 from kvbridge.bench.common import Progress
 from kvbridge.bench.transport import baselines
 from kvbridge.bench.transport.memory import cache_digest, make_cache, poison_blocks
+from kvbridge.bench.transport.peers import Peers
 from kvbridge.bench.transport.plan import (
     PULL_TIMEOUT_S,
     SEED,
@@ -34,9 +34,10 @@ from kvbridge.bench.transport.procs import (
 
 # -- helper processes (module level, so the spawn context can pickle them) ------------
 
-def _producer_main(pipe: Connection, backend: str, blocks: dict[str, int], seed: int,
-                   checksum: bool = True) -> None:
-    """A kvbridge producer: one transport of ``backend`` per block shape.
+def producer_main(pipe: Connection, backend: str, blocks: dict[str, int], seed: int,
+                  checksum: bool = True, host: str = "127.0.0.1") -> None:
+    """A kvbridge producer: one transport of ``backend`` per block shape,
+    listening on ``host``.
 
     Commands (tuples) -> replies ``("ok", value)`` or ``("error", message)``:
     ``("publish", shape, request_id, block_ids)``, ``("digest", shape, block_ids)``,
@@ -51,7 +52,7 @@ def _producer_main(pipe: Connection, backend: str, blocks: dict[str, int], seed:
         for shape, num_blocks in blocks.items():
             caches[shape] = make_cache(shape, num_blocks, seed)
             transports[shape] = create_transport(backend, caches[shape],
-                                                 TransportConfig(checksum=checksum))
+                                                 TransportConfig(checksum=checksum, host=host))
             addresses[shape] = transports[shape].serve()
         pipe.send(("ok", addresses))
     except Exception as e:  # noqa: BLE001 - reported to the parent
@@ -102,19 +103,14 @@ class ConsumerCaches:
 
 def bench_backend(backend: str, cases: list[Case], blocks: dict[str, int],
                   consumers: ConsumerCaches, timing: Timing, prog: Progress,
-                  checksum: bool = True) -> list[dict]:
+                  checksum: bool = True, peers: Peers | None = None) -> list[dict]:
     from kvbridge.transport import TransferState, TransportConfig, create_transport
 
-    ctx = mp.get_context("spawn")
-    pipe, child = ctx.Pipe()
     shapes = {c.shape: blocks[c.shape] for c in cases}
     name = series_name(backend, checksum)
-    proc = ctx.Process(target=_producer_main, args=(child, backend, shapes, SEED, checksum),
-                       daemon=True, name=f"kvbridge-bench-{name}-producer")
     results: list[dict] = []
     t0 = time.perf_counter()
-    proc.start()
-    child.close()
+    pipe, proc = (peers or Peers()).start("producer", backend, shapes, SEED, checksum)
     try:
         try:
             addresses = reply(pipe, proc, START_TIMEOUT_S)
@@ -189,14 +185,15 @@ def measure(plan: Plan, prog: Progress) -> list[dict]:
     results: list[dict] = []
     blocks = plan.blocks
     consumers = ConsumerCaches(blocks)
+    peers = plan.peers
     for backend, checksum in plan.runs:
         results += bench_backend(backend, plan.cases, blocks, consumers, plan.timing, prog,
-                                 checksum)
+                                 checksum, peers)
     del consumers  # free the consumer caches before the baselines allocate
     if "memcpy" in plan.baselines:
         results += baselines.bench_memcpy(plan.cases, plan.timing, prog)
     if "socket" in plan.baselines:
-        results += baselines.bench_socket(plan.cases, plan.timing, prog)
+        results += baselines.bench_socket(plan.cases, plan.timing, prog, peers)
     if "nixl-raw" in plan.baselines:
-        results += baselines.bench_nixl_raw(plan.cases, plan.timing, prog)
+        results += baselines.bench_nixl_raw(plan.cases, plan.timing, prog, peers)
     return results

@@ -202,6 +202,7 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         d_body = dict(body)
         if kv_params is not None:
             d_body["kv_transfer_params"] = kv_params
+            metrics.paired(figures["X-KVBridge-Prefill-Backend"], decode.url)
         overhead = time.perf_counter() - t_arrival - float(
             figures.get("X-KVBridge-Prefill-Ms", 0)) / 1e3
         metrics.overhead(overhead)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,7 +22,12 @@ from typing import Protocol
 import httpx
 
 from kvbridge.errors import ErrorCode, KVBridgeError
-from kvbridge.layout import KVLayout, LayoutMismatchError, check_pairable, layout_differences
+from kvbridge.layout import (
+    KVLayout,
+    LayoutMismatchError,
+    check_pairable,
+    layout_differences,
+)
 
 logger = logging.getLogger("kvbridge.serve.proxy")
 
@@ -67,12 +73,23 @@ class LeastOutstanding:
 
 
 class RoundRobin:
-    def __init__(self) -> None:
-        self._n = 0
+    """Each role in turn, and over time every (prefill, decode) pairing.
 
-    def pick(self, candidates: list[Backend]) -> Backend:
-        self._n += 1
-        return candidates[self._n % len(candidates)]
+    The pool keeps one instance per role. Two plain round robins in lockstep
+    would pair p0 with d0 and p1 with d1 forever (whenever the pool sizes
+    share a factor), so decode's turn slips by one every ``shift_every``
+    turns (the sizes' least common multiple): sequential requests walk
+    through every pairing - p0/d0, p1/d1, p0/d1, p1/d0 for two of each -
+    while each pool stays evenly loaded."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+
+    def pick(self, candidates: list[Backend], shift_every: int = 0) -> Backend:
+        slip = self.turns // shift_every if shift_every else 0
+        chosen = candidates[(self.turns + slip) % len(candidates)]
+        self.turns += 1
+        return chosen
 
 
 PICKERS = {"least-outstanding": LeastOutstanding, "round-robin": RoundRobin}
@@ -115,6 +132,10 @@ class BackendPool:
         self.decode = [Backend(u.rstrip("/"), "decode") for u in decode]
         self.client = client
         self.picker = picker or LeastOutstanding()
+        #: round robin keeps a turn per role (one shared counter would step
+        #: twice per request and give one prefill and one decode everything)
+        self._decode_picker = type(self.picker)() if isinstance(self.picker, RoundRobin) \
+            else self.picker
         self.health_interval_s = health_interval_s
         self.model = model
         self._task: asyncio.Task | None = None
@@ -128,7 +149,12 @@ class BackendPool:
     def pick(self, role: str) -> Backend | None:
         pool = self.prefill if role == "prefill" else self.decode
         usable = [b for b in pool if b.usable]
-        return self.picker.pick(usable) if usable else None
+        if not usable:
+            return None
+        if role == "decode" and isinstance(self._decode_picker, RoundRobin):
+            prefills = max(1, sum(b.usable for b in self.prefill))
+            return self._decode_picker.pick(usable, shift_every=math.lcm(prefills, len(usable)))
+        return (self.picker if role == "prefill" else self._decode_picker).pick(usable)
 
     def models(self) -> list[str]:
         for b in self.decode + self.prefill:

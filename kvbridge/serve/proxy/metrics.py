@@ -40,6 +40,9 @@ class ProxyMetrics:
         self._fallback = Counter("kvbridge_proxy_fallback_requests", "Requests answered by a "
                                  "decode instance alone because no prefill was usable",
                                  registry=r)
+        self._pairs = Counter("kvbridge_proxy_pairs", "Disaggregated requests by the prefill "
+                              "instance that computed the KV and the decode instance that "
+                              "pulled it", ["prefill", "decode"], registry=r)
         self._healthy = Gauge("kvbridge_proxy_backend_healthy", "1 if the backend is in "
                               "rotation", ["role", "url"], registry=r)
 
@@ -66,6 +69,9 @@ class ProxyMetrics:
 
     def failure(self, kind: str) -> None:
         self._failures.labels(kind).inc()
+
+    def paired(self, prefill: str, decode: str) -> None:
+        self._pairs.labels(prefill, decode).inc()
 
     def fallback(self) -> None:
         self._fallback.inc()
