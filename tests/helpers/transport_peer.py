@@ -57,68 +57,61 @@ def _enter_netns(env: dict) -> None:
         enter(env[NETNS_ENV])
 
 
-def producer_main(pipe, backend: str, cache_kw: dict, config_kw: dict, env: dict) -> None:
+def _peer(backend: str, cache_kw: dict, config_kw: dict, env: dict):
+    """This helper process's cache and transport, in its namespace and env."""
     os.environ.update(env)
     _enter_netns(env)
     from kvbridge.transport import TransportConfig, create_transport
 
     cache = make_cache(**cache_kw)
-    transport = create_transport(backend, cache, TransportConfig(**config_kw))
-    pipe.send(transport.serve())
+    return cache, create_transport(backend, cache, TransportConfig(**config_kw))
+
+
+def _serve(pipe, cache, transport, commands: dict) -> None:
+    """Answer ``(cmd, *args)`` from ``pipe`` with ``commands[cmd](*args)``
+    until ``stop``; every peer also answers ``digest`` of its blocks."""
+    commands = {"digest": lambda ids: digest(cache, ids), **commands}
     while True:
         cmd, *args = pipe.recv()
-        if cmd == "publish":
-            rid, ids, lease_s = args
-            try:
-                transport.publish(rid, ids, lease_s=lease_s)
-                pipe.send(None)
-            except Exception as e:  # noqa: BLE001
-                pipe.send(str(e))
-        elif cmd == "release":
-            pipe.send(transport.release(args[0]))
-        elif cmd == "poll":
-            pipe.send(transport.poll_released())
-        elif cmd == "metrics":
-            pipe.send(transport.metrics())
-        elif cmd == "held":
-            pipe.send(transport.leases.held())
-        elif cmd == "digest":
-            pipe.send(digest(cache, args[0]))
-        elif cmd == "stop":
+        if cmd == "stop":
             transport.close()
             pipe.send(None)
             return
+        pipe.send(commands[cmd](*args))
+
+
+def producer_main(pipe, backend: str, cache_kw: dict, config_kw: dict, env: dict) -> None:
+    cache, transport = _peer(backend, cache_kw, config_kw, env)
+    pipe.send(transport.serve())
+
+    def publish(rid, ids, lease_s):
+        try:
+            transport.publish(rid, ids, lease_s=lease_s)
+        except Exception as e:  # noqa: BLE001 - the test asserts on the message
+            return str(e)
+
+    _serve(pipe, cache, transport, {
+        "publish": publish, "release": transport.release, "poll": transport.poll_released,
+        "metrics": transport.metrics, "held": transport.leases.held})
 
 
 def consumer_main(pipe, backend: str, cache_kw: dict, config_kw: dict, env: dict) -> None:
     """A consumer in its own process (and namespace): pulls started by one
     command and waited for by another, so a test can act in between."""
-    os.environ.update(env)
-    _enter_netns(env)
     import time
 
-    from kvbridge.transport import TransportConfig, create_transport
-
-    cache = make_cache(**cache_kw)
-    transport = create_transport(backend, cache, TransportConfig(**config_kw))
+    cache, transport = _peer(backend, cache_kw, config_kw, env)
     handles = {}
     pipe.send(None)
-    while True:
-        cmd, *args = pipe.recv()
-        if cmd == "pull":
-            peer, rid, remote, local = args
-            handles[rid] = (transport.pull(peer, rid, remote, local), time.monotonic())
-            pipe.send(None)
-        elif cmd == "state":
-            pipe.send(handles[args[0]][0].state.value)
-        elif cmd == "wait":
-            h, t0 = handles[args[0]]
-            state = h.wait(args[1])
-            pipe.send((state.value, str(h.error_code) if h.error_code else None, h.error,
-                       time.monotonic() - t0))
-        elif cmd == "digest":
-            pipe.send(digest(cache, args[0]))
-        elif cmd == "stop":
-            transport.close()
-            pipe.send(None)
-            return
+
+    def pull(peer, rid, remote, local):
+        handles[rid] = (transport.pull(peer, rid, remote, local), time.monotonic())
+
+    def wait(rid, timeout):
+        h, t0 = handles[rid]
+        state = h.wait(timeout)
+        return (state.value, str(h.error_code) if h.error_code else None, h.error,
+                time.monotonic() - t0)
+
+    _serve(pipe, cache, transport, {
+        "pull": pull, "state": lambda rid: handles[rid][0].state.value, "wait": wait})
