@@ -117,7 +117,7 @@ class PeerRefusedError(KVBridgeError):
     def __init__(self, error):
         self.error = error
         super().__init__(f"producer refused ({error.code}): {error.message}",
-                         _known_code(error.code))
+                         from_wire_code(error.code))
 
 
 class TransferError(KVBridgeError, RuntimeError):
@@ -135,7 +135,9 @@ class UnknownRequestError(KVBridgeError, KeyError):
         return self.message
 
 
-def _known_code(code: str) -> ErrorCode:
+def from_wire_code(code: str) -> ErrorCode:
+    """The ``ErrorCode`` of a code a peer sent; one this side does not know
+    (an older or newer peer's, or ``internal``) counts as a protocol error."""
     try:
         return ErrorCode(code)
     except ValueError:
@@ -165,4 +167,5 @@ __all__ = [
     "TransferError",
     "UnknownRequestError",
     "code_of",
+    "from_wire_code",
 ]

@@ -20,13 +20,13 @@ from kvbridge.cache import checksum
 from kvbridge.cache.blocks import BlockIdError
 from kvbridge.cache.shard import BlockSlice
 
-# _known_code: a wire code this side does not know is a protocol error.
+# from_wire_code: a wire code this side does not know is a protocol error.
 from kvbridge.errors import (
     ErrorCode,
     KVBridgeError,
     TransferError,
-    _known_code,
     code_of,
+    from_wire_code,
 )
 from kvbridge.transport.handle import TransferHandle, TransferState
 from kvbridge.transport.peer import PeerConnection, PeerLinks
@@ -178,7 +178,7 @@ class ConsumerSide(PeerLinks):
                             handle._advance(TransferState.CANCELLED, "cancelled")
                             continue
                         self._fail(handle, f"producer refused the pull: {msg.message}",
-                                   _known_code(msg.code))
+                                   from_wire_code(msg.code))
                         continue
                     receiving = handle
                     ok = self._receive_pull(conn, handle, msg)
@@ -186,7 +186,7 @@ class ConsumerSide(PeerLinks):
                     receiving = None
                 elif isinstance(msg, P.Error):
                     raise TransferError(f"producer error ({msg.code}): {msg.message}",
-                                        _known_code(msg.code))
+                                        from_wire_code(msg.code))
                 else:
                     raise P.ProtocolError(f"unexpected {type(msg).__name__} from producer")
         except P.PeerClosed as e:

@@ -8,6 +8,7 @@ import argparse
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from kvbridge.bench.common import fmt_bytes
@@ -184,9 +185,10 @@ class Plan:
     #: HOST:PORT of a ``--listen`` host running the far ends; None: this host
     connect: str | None = None
 
-    @property
+    @cached_property
     def peers(self):
-        """Where the far ends run (``peers.Peers``: this host, or the listener)."""
+        """Where the far ends run (``peers.Peers``: this host, or the listener);
+        made once per run (a remote one looks up this host's route)."""
         from kvbridge.bench.transport.peers import Peers, RemotePeers
 
         return RemotePeers(self.connect) if self.connect else Peers()
