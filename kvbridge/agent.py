@@ -134,6 +134,15 @@ class KVAgent:
         ``"read"``, ``"expired"`` or ``"released"``."""
         return self.transport.poll_released()
 
+    def wait_progress(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a pull to finish or a lease to be let go
+        since the last call (at once if one did); True if one did. Poll
+        (``poll_released``, the handles) after it: whatever happens from here
+        on wakes the next call."""
+        happened = self.transport.progress.wait(timeout_s)
+        self.transport.progress.clear()
+        return happened
+
     # ------------------------------------------------------------------ consumer
     def pull(self, ticket: KVTicket, local_block_ids: Sequence[int]) -> TransferHandle:
         """Pull every block of ``ticket`` into ``local_block_ids`` (same count)."""

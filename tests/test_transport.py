@@ -293,6 +293,36 @@ def test_release_frees_at_once_and_late_pull_is_refused(backend, producers, cons
     assert prod.call("release", "gone") is False
 
 
+def test_progress_wakes_an_idle_engine_at_once(backend):
+    """What vLLM's empty steps wait on (``KVAgent.wait_progress``): a pull that
+    finishes wakes the consumer, a read that lets a lease go wakes the
+    producer, at once; with nothing in flight the wait times out."""
+    from kvbridge.agent import KVAgent
+
+    producer = KVAgent(make_cache(NUM_BLOCKS, seed=3), transport=backend, name="prod")
+    consumer = KVAgent(make_cache(NUM_BLOCKS, seed=None), transport=backend, name="cons")
+    try:
+        producer.serve()
+        for agent in (producer, consumer):
+            t0 = time.monotonic()
+            assert agent.wait_progress(0.05) is False  # nothing in flight
+            assert time.monotonic() - t0 >= 0.04
+        ticket = producer.publish("wake", [3, 4, 5])
+        assert producer.wait_progress(0) is False  # a publish is not progress
+        handle = consumer.pull(ticket, [10, 11, 12])
+        t0 = time.monotonic()
+        assert consumer.wait_progress(30) is True
+        assert handle.done() and handle.state == TransferState.DONE, handle
+        # The event is consumed: the next wait waits again.
+        assert consumer.wait_progress(0) is False
+        assert producer.wait_progress(30) is True
+        assert producer.poll_released() == [("wake", "read")]
+        assert time.monotonic() - t0 < 10
+    finally:
+        consumer.close()
+        producer.close()
+
+
 def test_pull_refuses_bad_local_ids(backend, consumers):
     cons = consumers(backend)
     with pytest.raises(ValueError, match="out of range"):
@@ -490,3 +520,4 @@ def test_custom_layout_of_another_tp_size_is_refused_at_the_handshake(producers,
     msg = str(err.value)
     assert "tp_size: local 2, remote 1" in msg and "memory_layout: local custom" in msg, msg
     assert prod.call("metrics")["pulls_served"] == 0
+

@@ -12,6 +12,8 @@ A ``Transport`` is bound to one engine's registered KV memory (a
 * **consumer** (``client.ConsumerSide``): ``pull(peer, request_id, remote_ids,
   local_ids)`` returns a ``TransferHandle`` that moves through
   ``QUEUED -> HANDSHAKING -> TRANSFERRING -> DONE | FAILED | CANCELLED``.
+* either: ``progress`` is an event set whenever a pull finishes or a lease is
+  let go, so an engine with nothing else to do waits on it rather than polling.
 
 The control connection (``kvbridge.protocol``) is common to every backend: it
 authenticates, checks layouts on both sides before any KV byte moves, asks the
@@ -60,7 +62,11 @@ class Transport(ProducerSide, ConsumerSide):
         self.instance_id = uuid.uuid4().hex
         self._pulls_landed = 0
         self.secret = P.resolve_secret(self.config.secret)
-        self.leases = LeaseTable(self.config.lease_s)
+        #: set whenever something an engine polls for happened - a lease let
+        #: go (``poll_released``) or a pull finished - so an engine with nothing
+        #: else to do can wait for it instead of polling in a loop
+        self.progress = threading.Event()
+        self.leases = LeaseTable(self.config.lease_s, on_release=self.progress.set)
         self.stats = TransportStats()
         #: why recent consumers were refused (also logged), newest last
         self.refusals: deque[str] = deque(maxlen=32)

@@ -69,6 +69,7 @@ class ConsumerSide(PeerLinks):
                                 remote_slice, local_slice, max(1, int(readers)))
         handle.producer_instance = producer_instance
         handle._cancel_cb = self._on_cancel
+        handle._on_finish = self.progress.set
         conn = self._peer(peer)
         if conn.ready.is_set() and not conn.closed:
             # Connected already: sending the small Pull inline costs less than a

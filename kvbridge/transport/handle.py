@@ -67,6 +67,8 @@ class TransferHandle:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._cancel_cb = None
+        #: called once when the handle finishes (the transport's progress event)
+        self._on_finish = None
 
     def __repr__(self) -> str:
         return (f"TransferHandle(xfer={self.xfer_id}, req={self.request_id!r}, peer={self.peer}, "
@@ -90,7 +92,9 @@ class TransferHandle:
                                    else code or ErrorCode.TRANSFER)
                 self.finished_at = time.monotonic()
                 self._event.set()
-            return True
+        if state.finished and self._on_finish is not None:
+            self._on_finish()
+        return True
 
     def _set_error(self, error: str, code: ErrorCode) -> None:
         """A backend's reason the bytes did not land (before the handle finishes)."""

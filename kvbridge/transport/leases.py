@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvbridge.cache.blocks import BlockIdError
@@ -41,8 +41,10 @@ class LeaseTable:
     ``poll_released`` hands those events to the engine, which frees the blocks.
     """
 
-    def __init__(self, lease_s: float):
+    def __init__(self, lease_s: float, on_release: Callable[[], None] | None = None):
         self.lease_s = lease_s
+        #: called (under the table's lock: keep it trivial) on every release
+        self.on_release = on_release
         self._leases: dict[str, _Lease] = {}
         self._events: deque[tuple[str, str]] = deque()
         #: recently ended requests -> reason, so a late read is told "gone",
@@ -146,6 +148,8 @@ class LeaseTable:
     def _release_locked(self, request_id: str, reason: str) -> None:
         self._leases.pop(request_id, None)
         self._events.append((request_id, reason))
+        if self.on_release is not None:
+            self.on_release()
         self._ended[request_id] = {"read": "read", "expired": "expired by lease",
                                    "released": "released",
                                    "refused": "refused at publish"}[reason]

@@ -34,6 +34,11 @@ key                    meaning                                         default
                        thread sleeps this long at each step's
                        connector hooks, so kvbridge's threads get the
                        GIL (see below); 0 turns it off
+``idle_wait_ms``       a step that computes no token while transfers   20
+                       are in flight waits up to this long for one to
+                       finish (returning the moment one does) instead
+                       of spinning through empty steps (see below);
+                       0 turns it off
 =====================  ==============================================  ===========
 
 Why ``step_yield_ms``: vLLM's multiprocess workers wait for the next step in
@@ -46,6 +51,19 @@ a TP=2 decode engine: a handshake stalled past its 20 s deadline, a grant
 arrived after 101 s, while the process's own watchdog thread saw no GIL at
 all). A short real sleep in the hooks the engine's thread calls every step
 hands the GIL over.
+
+Why ``idle_wait_ms``: vLLM keeps stepping an engine while any request waits
+on the connector - a producer's finished requests until consumers read them,
+a consumer's requests until their KV lands - even when no token is left to
+compute. Each empty step is a round trip between the engine core and every
+worker, and between steps they wait for each other by spinning on
+``sched_yield``. On a machine with fewer cores than busy processes that spin
+starves the very processes the wait is for (measured here, two TP=2 engines
+on 2 cores under load: the decode's answer took 2-34 s, the machine's other
+processes got no CPU for up to 73 s; with the wait, 0.2-0.5 s). Waiting on the
+transport's progress event instead costs no latency: the step returns the
+moment a pull lands or a lease is let go; only a new request arriving at an
+engine that computes nothing waits up to this long to be scheduled.
 
 Host staging: sockets and cross-memory attach address host memory only, so a
 KV cache in GPU memory is mirrored in page-locked host memory (as
@@ -66,7 +84,8 @@ from kvbridge.transport import TransportConfig, transport_class
 
 _KNOWN = {"transport", "host", "advertise_host", "port", "lease_s", "secret",
           "transfer_timeout_s", "handshake_timeout_s", "publish_wait_s", "host_staging",
-          "checksum", "fault_flip_byte_every", "step_yield_ms"}
+          "checksum", "fault_flip_byte_every", "step_yield_ms",
+          "idle_wait_ms"}
 
 
 def _flag(value, key: str) -> bool:
@@ -89,6 +108,8 @@ class KVBridgeConfig:
     host_staging: str = "auto"
     #: seconds the engine thread sleeps per step while transfers are in flight
     step_yield_s: float = 0.002
+    #: longest wait of a step that computes nothing while transfers are in flight
+    idle_wait_s: float = 0.020
 
     @property
     def is_producer(self) -> bool:
@@ -129,9 +150,20 @@ class KVBridgeConfig:
         if staging not in ("auto", "true", "false"):
             raise ValueError(f"kv_connector_extra_config.host_staging must be auto, true or "
                              f"false, got {extra.get('host_staging')!r}")
-        step_yield_ms = float(extra.get("step_yield_ms", 2.0))
-        if not 0 <= step_yield_ms <= 100:
-            raise ValueError(f"kv_connector_extra_config.step_yield_ms must be in [0, 100], "
-                             f"got {step_yield_ms}")
+        step_yield_ms = _milliseconds(extra, "step_yield_ms", 2.0)
+        idle_wait_ms = _milliseconds(extra, "idle_wait_ms", 20.0)
         return cls(role=role, transport=transport, base_port=int(extra.get("port", ktc.kv_port)),
-                   transport_config=tc, host_staging=staging, step_yield_s=step_yield_ms / 1e3)
+                   transport_config=tc, host_staging=staging, step_yield_s=step_yield_ms / 1e3,
+                   idle_wait_s=idle_wait_ms / 1e3)
+
+
+def _milliseconds(extra: dict, key: str, default: float) -> float:
+    """A per-step wait in [0, 100] ms: longer would stall the engine's steps."""
+    try:
+        value = float(extra.get(key, default))
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 <= value <= 100:
+        raise ValueError(f"kv_connector_extra_config.{key} must be a number of milliseconds "
+                         f"in [0, 100], got {extra.get(key)!r}")
+    return value

@@ -64,6 +64,9 @@ class KVBridgeConnectorMetadata(KVConnectorMetadata):
     reqs_to_recv: dict[str, RecvSpec] = field(default_factory=dict)
     reqs_to_send: dict[str, SendSpec] = field(default_factory=dict)
     reqs_to_release: list[ReleaseSpec] = field(default_factory=list)
+    #: the engine computes no token this step: it steps only to poll the
+    #: connector (vLLM keeps stepping while requests wait on transfers)
+    idle_step: bool = False
 
 
 @dataclass

@@ -164,9 +164,10 @@ class KVBridgeScheduler:
 
     # -- both --
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVBridgeConnectorMetadata:
-        meta = KVBridgeConnectorMetadata(reqs_to_recv=self._reqs_to_recv,
-                                         reqs_to_send=self._reqs_to_send,
-                                         reqs_to_release=self._reqs_to_release)
+        meta = KVBridgeConnectorMetadata(
+            reqs_to_recv=self._reqs_to_recv, reqs_to_send=self._reqs_to_send,
+            reqs_to_release=self._reqs_to_release,
+            idle_step=getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0)
         self._reqs_to_recv, self._reqs_to_send, self._reqs_to_release = {}, {}, []
         return meta
 

@@ -140,6 +140,8 @@ class KVBridgeWorker:
         self._handshakes_reported: tuple[int, float] = (0, 0.0)
         #: sleep mode: the transport is closed until restore_kv_caches
         self.kv_unregistered = False
+        #: this step computes no token (``KVBridgeConnectorMetadata.idle_step``)
+        self._idle_step = False
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -257,7 +259,22 @@ class KVBridgeWorker:
             self._stats.bump("num_released")
         for req_id, spec in meta.reqs_to_recv.items():
             self._start_load(req_id, spec)
-        self._yield_to_transport()
+        self._idle_step = meta.idle_step
+        if not self._idle_step:
+            self._yield_to_transport()  # an idle step waits in get_finished
+
+    def _wait_if_idle(self) -> None:
+        """A step that computes nothing, while transfers are in flight, waits
+        for one to finish - up to ``idle_wait_ms``, returning the moment one
+        does - rather than let vLLM spin through empty steps (see
+        ``idle_wait_ms`` in ``kvbridge.vllm.config``). Then clears the
+        transport's progress event: the polls that follow see what happened,
+        and whatever happens later wakes the next wait."""
+        pending = bool(self._loads or self._sending) and not self.kv_unregistered
+        if self._idle_step and pending and self.config.idle_wait_s:
+            self.agent.wait_progress(self.config.idle_wait_s)
+        else:
+            self.agent.wait_progress(0)
 
     def _yield_to_transport(self) -> None:
         """While transfers are in flight, let kvbridge's threads have the GIL
@@ -325,6 +342,7 @@ class KVBridgeWorker:
     def get_finished(self, finished_req_ids: set[str] | None = None,
                      ) -> tuple[set[str] | None, set[str] | None]:
         assert self.agent is not None
+        self._wait_if_idle()
         # Rule 2: aborted while loading - stop the pull; vLLM keeps the blocks
         # until we report the request below.
         for req_id in (finished_req_ids or set()) & self._loads.keys():
@@ -346,7 +364,8 @@ class KVBridgeWorker:
             done_recving.add(req_id)
             self._finish_load(req_id, load)
         done_sending = self._poll_sent()
-        self._yield_to_transport()
+        if not self._idle_step:
+            self._yield_to_transport()
         return done_sending or None, done_recving or None
 
     def _finish_load(self, req_id: str, load: _Load) -> None:
