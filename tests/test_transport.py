@@ -521,3 +521,33 @@ def test_custom_layout_of_another_tp_size_is_refused_at_the_handshake(producers,
     assert "tp_size: local 2, remote 1" in msg and "memory_layout: local custom" in msg, msg
     assert prod.call("metrics")["pulls_served"] == 0
 
+
+@pytest.mark.parametrize("window", [1, 1000, 1 << 16, 8 << 20])
+def test_tcp_scatter_gather_io_moves_every_byte_in_order(window, monkeypatch):
+    """The tcp transport's sendmsg/recvmsg_into loops hand each call a window
+    of the buffers (``IO_WINDOW_BYTES``): whatever the window, every byte lands
+    in its buffer, and the progress callback moves forward only."""
+    import threading
+
+    from kvbridge.transport import tcp
+
+    monkeypatch.setattr(tcp, "IO_WINDOW_BYTES", window)
+    rng = random.Random(window)
+    sizes = [rng.randint(1, 70_000) for _ in range(1500)]
+    data = rng.randbytes(sum(sizes))
+    src, off = [], 0
+    for size in sizes:
+        src.append(memoryview(data)[off:off + size])
+        off += size
+    dst = [memoryview(bytearray(size)) for size in sizes]
+    a, b = socket.socketpair()
+    with a, b:
+        b.settimeout(10)
+        seen: list[tuple[int, int]] = []
+        sender = threading.Thread(target=tcp.send_buffers, args=(a, src))
+        sender.start()
+        tcp.recv_buffers(b, dst, 10, lambda i, o: seen.append((i, o)))
+        sender.join()
+    assert b"".join(bytes(d) for d in dst) == data
+    assert seen[-1] == (len(sizes), 0)
+    assert seen == sorted(seen)
