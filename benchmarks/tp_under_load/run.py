@@ -98,17 +98,24 @@ def run_setting(model: Path, log_dir: Path, transport: str, idle_wait_ms: float,
                      for n, p in PROMPTS.items()}
         helpers = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
         helpers.append(subprocess.Popen([sys.executable, "-c", HEARTBEAT, str(gap_file)]))
-        took, wrong = [], 0
+        took, wrong, failed = [], 0, []
         for r in range(rounds):
             prefill, decode = servers if r % 2 == 0 else servers[::-1]
             for name, prompt in PROMPTS.items():
                 t0 = time.monotonic()
-                p = complete(prefill.url, prompt, 1, {"do_remote_decode": True})
-                d = complete(decode.url, prompt, MAX_TOKENS, p["kv_transfer_params"])
+                outcome = "ok"
+                try:
+                    p = complete(prefill.url, prompt, 1, {"do_remote_decode": True})
+                    d = complete(decode.url, prompt, MAX_TOKENS, p["kv_transfer_params"])
+                    if d["choices"][0]["text"] != reference[name]:
+                        wrong, outcome = wrong + 1, "WRONG TEXT"
+                except httpx.HTTPStatusError as e:  # e.g. the lease expired first
+                    outcome = f"HTTP {e.response.status_code}"
+                    failed.append(f"round {r} {name}: {outcome} after "
+                                  f"{time.monotonic() - t0:.1f} s")
                 took.append(time.monotonic() - t0)
-                wrong += d["choices"][0]["text"] != reference[name]
-                print(f"  idle_wait_ms={idle_wait_ms:g} round {r} {name}: {took[-1]:.2f} s",
-                      file=sys.stderr, flush=True)
+                print(f"  idle_wait_ms={idle_wait_ms:g} round {r} {name}: {took[-1]:.2f} s "
+                      f"{outcome}", file=sys.stderr, flush=True)
         worst_gap = float(gap_file.read_text()) if gap_file.exists() else 0.0
     finally:
         for h in helpers:
@@ -116,6 +123,7 @@ def run_setting(model: Path, log_dir: Path, transport: str, idle_wait_ms: float,
             h.wait()
         stop_all(servers)
     return {"idle_wait_ms": idle_wait_ms, "exchanges": len(took), "wrong": wrong,
+            "failed": len(failed), "failures": failed,
             "p50_s": statistics.median(took), "max_s": max(took), "seconds": took,
             "worst_bystander_wait_s": worst_gap}
 
@@ -135,16 +143,20 @@ def main() -> None:
         results = [run_setting(model, Path(tmp), args.transport, w, args.rounds, args.hogs)
                    for w in settings]
     base = results[0]
-    rows = [[f"{r['idle_wait_ms']:g}", r["exchanges"], r["wrong"], f"{r['p50_s']:.2f}",
+    rows = [[f"{r['idle_wait_ms']:g}", r["exchanges"], r["failed"], r["wrong"],
+             f"{r['p50_s']:.2f}",
              f"{r['max_s']:.2f}", f"{base['p50_s'] / r['p50_s']:.1f}x",
              f"{r['worst_bystander_wait_s']:.2f}"] for r in results]
-    text = table(["idle_wait_ms", "exchanges", "wrong", "p50 s", "max s",
-                  "p50 speed-up vs first", "longest bystander wait s"], rows)
-    print(f"two TP=2 kv_both engines ({args.transport}) + {args.hogs} busy processes on "
-          f"{os.cpu_count()} CPUs; one exchange = prefill answer + decode answer\n{text}")
+    table_text = table(["idle_wait_ms", "exchanges", "failed", "wrong", "p50 s", "max s",
+                        "p50 speed-up vs first", "longest bystander wait s"], rows)
+    failures = [f"idle_wait_ms={r['idle_wait_ms']:g}: {f}" for r in results
+                for f in r["failures"]]
+    text = "\n".join([f"two TP=2 kv_both engines ({args.transport}) + {args.hogs} busy "
+                      f"processes on {os.cpu_count()} CPUs; seconds per exchange (prefill "
+                      "answer + decode answer)", table_text, *failures])
+    print(text)
     write_results("tp-under-load", {"transport": args.transport, "hogs": args.hogs,
                                     "rounds": args.rounds, "results": results}, text)
-
 
 if __name__ == "__main__":
     main()
