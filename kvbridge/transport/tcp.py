@@ -6,6 +6,9 @@ from its cache blocks (one iovec per run of adjacent blocks) and the consumer
 ``recvmsg_into``s straight into its destination blocks. Device memory goes
 through a pooled (pinned) staging buffer. Several pulls can be in flight on
 one connection; replies come back in order.
+
+Tunable: ``KVBRIDGE_TCP_IO_WINDOW_BYTES`` - bytes of buffers handed to one
+``sendmsg``/``recvmsg_into`` call [8 MiB].
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from kvbridge.transport.server import ServerConn
 
 #: Most buffers one sendmsg/recvmsg_into call takes (Linux IOV_MAX).
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-#: Bytes of buffers handed to one sendmsg/recvmsg_into call. One call moves
-#: at most a socket buffer's worth, while Python acquires every buffer it is
-#: given: a 64 MiB pull of 64 KiB blocks offered all 1024 buffers to each of
-#: hundreds of calls. A few socket buffers' worth keeps calls full and cheap.
-IO_WINDOW_BYTES = 8 << 20
+#: Bytes of buffers handed to one sendmsg/recvmsg_into call
+#: (``KVBRIDGE_TCP_IO_WINDOW_BYTES``, default 8 MiB). One call moves at most a
+#: socket buffer's worth, while Python acquires every buffer it is given: a
+#: 64 MiB pull of 64 KiB blocks offered all 1024 buffers to each of hundreds
+#: of calls. A few socket buffers' worth keeps calls full and cheap.
+IO_WINDOW_BYTES = int(os.environ.get("KVBRIDGE_TCP_IO_WINDOW_BYTES", 8 << 20))
 
 
 class _Window:
