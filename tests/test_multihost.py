@@ -8,7 +8,10 @@ bridge (``kvbridge.bench.netns``), each side with its own address, nothing on
   namespace's device) and the raw baselines;
 * the link pulled mid-transfer: the pull fails within the transfer timeout
   with a clear error, the producer frees the blocks, and once the link is
-  back the next pull works (a fresh connection).
+  back the next pull works (a fresh connection);
+* real vLLM servers, prefill and decode on two hosts and the client on a
+  third, over tcp and nixl: token-identical, no prompt token computed on
+  decode, nothing listening on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -171,3 +174,77 @@ def test_pulls_complete_byte_exact_under_delay_and_loss(hosts, backend):
     finally:
         cons.stop()
         prod.stop()
+
+
+# ---------------------------------------------------------------- vLLM servers
+PROMPT = "The socket module provides access to the BSD socket interface; " * 3
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("backend", ["tcp", "nixl"])
+def test_vllm_pair_on_two_hosts(tiny_model_dir, tmp_path, backend):
+    """Real api_server processes: prefill on one host, decode on a second, this
+    test's HTTP client (the router's place) on a third. The producer binds
+    and advertises its own address - nothing listens on 127.0.0.1 - and the
+    decode answer equals a colocated one with no prompt token computed."""
+    import httpx
+    import test_xpyd as X
+
+    from kvbridge.serve.launch import kv_transfer_config, start_server, stop_all, wait_healthy
+
+    if backend == "nixl":
+        pytest.importorskip("nixl._api")
+    with netns.Hosts(3) as (p_host, d_host, client):
+        kv_port = free_port()
+        servers = []
+        try:
+            for role, host, core, extra in (
+                    ("kv_producer", p_host, 0, {"host": p_host.address}),
+                    ("kv_consumer", d_host, 1, {})):
+                env = {**UCX_BETWEEN_HOSTS, "UCX_NET_DEVICES": host.device}
+                servers.append(start_server(
+                    role, tiny_model_dir, free_port(), cpu_core=core, log_dir=tmp_path,
+                    served_name=X.MODEL, host=host.address, netns=host.name, env=env,
+                    kv_config=kv_transfer_config(role, transport=backend, kv_port=kv_port,
+                                                 extra=extra)))
+            wait_healthy(servers, timeout_s=400)
+            prefill, decode = servers
+
+            def complete(url, params=None, max_tokens=X.MAX_TOKENS):
+                body = {"model": X.MODEL, "prompt": PROMPT, "max_tokens": max_tokens,
+                        "temperature": 0, "ignore_eos": True}
+                if params is not None:
+                    body["kv_transfer_params"] = params
+                r = httpx.post(url + "/v1/completions", json=body, timeout=180)
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            def exchange():
+                colocated = complete(decode.url)["choices"][0]["text"]
+                before = (X.computed(decode.url), X.loaded(decode.url))
+                params = complete(prefill.url, {"do_remote_decode": True}, 1)[
+                    "kv_transfer_params"]
+                answer = complete(decode.url, params)
+                return (colocated, before, params, answer,
+                        (X.computed(decode.url), X.loaded(decode.url)))
+
+            colocated, before, params, answer, after = netns.call_in(client.name, exchange)
+            assert params["remote_addresses"] == [f"{p_host.address}:{kv_port}"], params
+            assert params["transport"] == backend, params
+            assert answer["choices"][0]["text"] == colocated
+            assert after[0] == before[0], "decode computed prompt tokens"
+            assert after[1] - before[1] == answer["usage"]["prompt_tokens"], (before, after)
+
+            def loopback_refused():
+                import socket
+                try:
+                    socket.create_connection(("127.0.0.1", kv_port), timeout=2).close()
+                except OSError:
+                    return True
+                return False
+
+            assert netns.call_in(p_host.name, loopback_refused), \
+                "the producer also listens on 127.0.0.1"
+            netns.call_in(client.name, X.producers_free, [prefill])
+        finally:
+            stop_all(servers)
