@@ -59,8 +59,9 @@ compute. Each empty step is a round trip between the engine core and every
 worker, and between steps they wait for each other by spinning on
 ``sched_yield``. On a machine with fewer cores than busy processes that spin
 starves the very processes the wait is for (measured here, two TP=2 engines
-on 2 cores under load: the decode's answer took 2-34 s, the machine's other
-processes got no CPU for up to 73 s; with the wait, 0.2-0.5 s). Waiting on the
+on 2 cores beside two busy processes: the decode's answer took 2-34 s, the
+machine's other processes got no CPU for up to 73 s; with the wait, beside
+four busy processes, 0.15-0.98 s). Waiting on the
 transport's progress event instead costs no latency: the step returns the
 moment a pull lands or a lease is let go; only a new request arriving at an
 engine that computes nothing waits up to this long to be scheduled.
