@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 import msgspec
 import pytest
@@ -225,3 +226,105 @@ def test_messages_round_trip_and_reject_unknown_types():
         P.decode(msgspec.msgpack.encode({"type": "Pull", "xfer_id": "1", "request_id": "r",
                                          "block_ids": [1]}))
     assert isinstance(P.decode(P.encode(P.Handshake(LAYOUT))[P.HEADER.size:]).layout, KVLayout)
+
+
+# -- FrameReader: read-ahead never loses, reorders or invents a byte ---------------------
+
+def _frames(*msgs: P.Message, data: bytes = b"") -> bytes:
+    out = b"".join(P.encode(m) for m in msgs)
+    return out + (P.data_header(len(data)) + data if data else b"")
+
+
+def test_frame_reader_reads_messages_and_data_in_any_split():
+    grant = P.PullGrant(3, 10_000, [1, 2])
+    data = os.urandom(10_000)
+    stream = _frames(P.Pull(1, "a", [1]), P.ReadDone(2, "a", True), grant, data=data)
+    stream += _frames(P.Release("b", "bye"))
+    for chunk in (1, 7, 4096, len(stream)):
+        a, b = socket.socketpair()
+        try:
+            # A tiny read-ahead forces refills at every boundary.
+            frames = P.FrameReader(b, read_ahead=16 if chunk == 7 else P.READ_AHEAD_BYTES)
+
+            def send(a=a, chunk=chunk):
+                for i in range(0, len(stream), chunk):
+                    a.sendall(stream[i:i + chunk])
+                a.shutdown(socket.SHUT_WR)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            assert frames.recv_message() == P.Pull(1, "a", [1])
+            assert frames.recv_message() == P.ReadDone(2, "a", True)
+            assert frames.recv_message() == grant
+            assert frames.recv_header() == (P.KIND_DATA, len(data))
+            got = bytearray(len(data))
+            view, n = memoryview(got), 0
+            n += frames.take_into(view)
+            while n < len(data):
+                n += b.recv_into(view[n:])
+            assert bytes(got) == data
+            assert frames.recv_message() == P.Release("b", "bye")
+            with pytest.raises(P.PeerClosed, match="closed the connection"):
+                frames.recv_message()
+            sender.join()
+        finally:
+            a.close()
+            b.close()
+
+
+def test_frame_reader_keeps_a_half_read_frame_across_a_timeout():
+    a, b = socket.socketpair()
+    try:
+        b.settimeout(0.05)
+        frames = P.FrameReader(b)
+        frame = P.encode(P.Pull(9, "r", list(range(50))))
+        a.sendall(frame[:3])          # part of the header
+        with pytest.raises(socket.timeout):
+            frames.recv_message()
+        a.sendall(frame[3:20])        # the header and part of the body
+        with pytest.raises(socket.timeout):
+            frames.recv_message()
+        a.sendall(frame[20:])
+        assert frames.recv_message() == P.Pull(9, "r", list(range(50)))
+        assert frames.buffered == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_frame_reader_takes_a_message_larger_than_its_buffer_and_refuses_bad_frames():
+    a, b = socket.socketpair()
+    try:
+        big = P.Pull(1, "r", list(range(40_000)))   # ~120 KiB of msgpack
+        frame = P.encode(big)
+        assert len(frame) > 2 * 4096
+        frames = P.FrameReader(b, read_ahead=4096)
+        sender = threading.Thread(target=a.sendall, args=(frame + frame,))
+        sender.start()
+        assert frames.recv_message() == big
+        assert frames.recv_message() == big
+        sender.join()
+        assert len(frames._buf) == 4096       # grown for the message, shrunk after
+        a.sendall(P.data_header(5) + b"hello")
+        with pytest.raises(P.ProtocolError, match="expected a message frame"):
+            frames.recv_message()
+        frames = P.FrameReader(b)
+        a.sendall(b"XX" + P.encode(big)[2:])
+        with pytest.raises(P.ProtocolError, match="bad frame magic"):
+            frames.recv_message()
+        frames = P.FrameReader(b)
+        b.recv(1 << 20)
+        a.sendall(P.encode(big))
+        with pytest.raises(P.ProtocolError, match="oversized"):
+            frames.recv_message(max_bytes=1000)
+    finally:
+        a.close()
+        b.close()
+    a, b = socket.socketpair()
+    try:
+        a.sendall(frame[:100])
+        a.close()
+        with pytest.raises(P.PeerClosed, match="truncated message frame"):
+            P.FrameReader(b).recv_message()
+    finally:
+        b.close()

@@ -23,6 +23,8 @@ from kvbridge.layout import LayoutMismatchError
 from kvbridge.transport import (
     TransferError,
     TransferState,
+    available,
+    create_transport,
 )
 
 # Fixtures (tests/conftest.py): backend (every transport), producers (producer
@@ -551,3 +553,40 @@ def test_tcp_scatter_gather_io_moves_every_byte_in_order(window, monkeypatch):
     assert b"".join(bytes(d) for d in dst) == data
     assert seen[-1] == (len(sizes), 0)
     assert seen == sorted(seen)
+
+
+@pytest.mark.skipif("cma" not in available(), reason="cma is not available here")
+@pytest.mark.parametrize("slices", [False, True])
+def test_cma_small_reads_plan_the_same_iovecs_as_large_ones(monkeypatch, slices):
+    """A read of few runs builds its iovecs in plain Python, a large one with
+    numpy: both must name the same bytes, adjacent runs merged alike."""
+    from kvbridge.cache.shard import BlockSlice, paired_slices
+    from kvbridge.transport import cma
+    from kvbridge.transport.direct import parse_regions, region_info
+
+    remote_cache = make_cache(16, 1, regions_per_layer=2)
+    local_cache = make_cache(16, None, regions_per_layer=2)
+    bb = local_cache.layout.block_bytes
+    regions, _ = parse_regions(region_info(remote_cache))
+    with create_transport("cma", local_cache) as t:
+        rng = random.Random(7)
+        for _ in range(40):
+            n = rng.randint(1, 8)
+            remote_ids = rng.sample(range(16), n)
+            local_ids = rng.sample(range(16), n)
+            if rng.random() < 0.5:  # runs adjacent on both sides merge
+                remote_ids, local_ids = sorted(remote_ids), sorted(local_ids)
+            r_sl, l_sl = paired_slices(BlockSlice(16, 32, 4) if slices else None,
+                                       BlockSlice(64, 32, 4) if slices else None, bb, bb)
+
+            def spans(small: bool):
+                monkeypatch.setattr(cma, "SMALL_READ_RUNS", 1 << 30 if small else 0)
+                out = [[], []]
+                for local, remote in t._batches(regions, bb, r_sl, remote_ids, l_sl, local_ids):
+                    out[0] += [tuple(int(x) for x in s) for s in local]
+                    out[1] += [tuple(int(x) for x in s) for s in remote]
+                return out
+
+            small, large = spans(True), spans(False)
+            assert small == large
+            assert sum(n for _, n in small[0]) == t.cache.staging_bytes(n, l_sl if slices else None)

@@ -68,6 +68,10 @@ class Transport(ProducerSide, ConsumerSide):
         self.progress = threading.Event()
         self.leases = LeaseTable(self.config.lease_s, on_release=self.progress.set)
         self.stats = TransportStats()
+        #: producer: (request_id, Pull read, grant sent) of recent pulls, in
+        #: ``time.perf_counter()`` seconds - the producer's share of a pull's
+        #: fixed cost (``kvbridge bench transport`` reads it)
+        self.serve_marks: deque[tuple[str, float, float]] = deque(maxlen=256)
         #: why recent consumers were refused (also logged), newest last
         self.refusals: deque[str] = deque(maxlen=32)
         self._xfer_ids = iter(range(1, 1 << 62))

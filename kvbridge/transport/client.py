@@ -122,7 +122,9 @@ class ConsumerSide(PeerLinks):
             handle._advance(TransferState.TRANSFERRING)
             conn.inflight.append(handle)
             try:
-                P.send_message(conn.sock, self._pull_message(handle))
+                frame = P.encode(self._pull_message(handle))
+                handle._mark("asked")
+                conn.sock.sendall(frame)
             except OSError as e:
                 self._close_peer(conn, f"send to producer {conn.address} failed: {e}",
                                  ErrorCode.PEER_GONE)
@@ -149,8 +151,8 @@ class ConsumerSide(PeerLinks):
                        conn.error_code or ErrorCode.PEER_GONE)
 
     def _reader_loop(self, conn: PeerConnection) -> None:
-        sock = conn.sock
-        assert sock is not None
+        frames = conn.frames
+        assert frames is not None
         reason, code = "connection closed", ErrorCode.PEER_GONE
         #: the pull whose bytes are being received: out of ``conn.inflight``,
         #: so a failure mid-transfer must fail it here
@@ -158,7 +160,7 @@ class ConsumerSide(PeerLinks):
         try:
             while not conn.closed:
                 try:
-                    msg = P.recv_message(sock)
+                    msg = frames.recv_message()
                 except socket.timeout:
                     self._check_stalled(conn)
                     continue
@@ -182,7 +184,9 @@ class ConsumerSide(PeerLinks):
                                    from_wire_code(msg.code))
                         continue
                     receiving = handle
+                    handle._mark("granted")
                     ok = self._receive_pull(conn, handle, msg)
+                    handle._mark("landed")
                     self._finish_read(conn, handle, ok, msg)
                     receiving = None
                 elif isinstance(msg, P.Error):
@@ -227,11 +231,13 @@ class ConsumerSide(PeerLinks):
         cancelled = handle.cancel_requested and not ok
         if ok:
             ok = self._verify(handle, grant)
+            handle._mark("verified")
         with conn.send_lock:
             try:
                 P.send_message(conn.sock, P.ReadDone(handle.xfer_id, handle.request_id, ok))
             except OSError:
                 pass
+        handle._mark("read_done")
         if not ok and not cancelled:
             # A failed pull is final: hand the request back so the producer
             # frees it now. (A cancel is not: the caller may pull again, or

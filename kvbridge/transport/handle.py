@@ -53,6 +53,13 @@ class TransferHandle:
         self.error: str | None = None
         self.error_code: ErrorCode | None = None
         self.created = time.monotonic()
+        #: when each stage of this pull ended, ``time.perf_counter()`` seconds
+        #: (CLOCK_MONOTONIC on Linux, so comparable with a producer's on the
+        #: same host): "pull" (created), "asked" (Pull encoded, about to be written), "granted" (the
+        #: grant read), "landed" (bytes in place), "verified", "read_done"
+        #: (ReadDone written), "done" (the handle finished DONE). Where a pull's
+        #: fixed cost goes; ``kvbridge bench transport`` shows it per stage.
+        self.marks: dict[str, float] = {"pull": time.perf_counter()}
         self.started: float | None = None
         self.finished_at: float | None = None
         self.cancel_requested = False
@@ -86,6 +93,8 @@ class TransferHandle:
             if state == TransferState.TRANSFERRING and self.started is None:
                 self.started = time.monotonic()
             if state.finished:
+                if state == TransferState.DONE:
+                    self.marks["done"] = time.perf_counter()
                 self.error = error
                 self.error_code = (None if state == TransferState.DONE
                                    else ErrorCode.CANCELLED if state == TransferState.CANCELLED
@@ -95,6 +104,9 @@ class TransferHandle:
         if state.finished and self._on_finish is not None:
             self._on_finish()
         return True
+
+    def _mark(self, stage: str) -> None:
+        self.marks[stage] = time.perf_counter()
 
     def _set_error(self, error: str, code: ErrorCode) -> None:
         """A backend's reason the bytes did not land (before the handle finishes)."""

@@ -43,6 +43,8 @@ class PeerConnection:
     def __init__(self, address: str):
         self.address = address
         self.sock: socket.socket | None = None
+        #: reads ``sock`` after the handshake (the reader thread only)
+        self.frames: P.FrameReader | None = None
         self.remote_layout: KVLayout | None = None
         self.remote_info: dict = {}
         self.data: object = None
@@ -148,6 +150,9 @@ class PeerLinks:
         sock = socket.create_connection((host, int(port)),
                                         timeout=max(0.1, deadline - time.monotonic()))
         conn.sock = sock
+        # Read through after the handshake (which reads ``sock`` directly:
+        # the producer sends nothing unasked, so nothing is read ahead then).
+        conn.frames = P.FrameReader(sock)
         self._tune(sock)
         try:
             reply = P.client_handshake(sock, self.layout, self.name, self.secret,

@@ -11,6 +11,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -128,8 +129,9 @@ class ProducerSide:
             conn.settimeout(None)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                             struct.pack("ll", int(self.config.transfer_timeout_s), 0))
+            frames = P.FrameReader(conn)
             while not self._closing.is_set():
-                msg = P.recv_message(conn)
+                msg = frames.recv_message()
                 if isinstance(msg, P.Release):
                     self._handle_release(msg, peer)
                 elif state.refused:
@@ -141,7 +143,10 @@ class ProducerSide:
                                               f"Release, got {type(msg).__name__}")
                     self._handle_publish(msg)
                 elif isinstance(msg, P.Pull):
-                    self._handle_pull(conn, msg, state)
+                    received = time.perf_counter()
+                    if self._handle_pull(conn, msg, state):
+                        self.serve_marks.append((msg.request_id, received,
+                                                 time.perf_counter()))
                 elif isinstance(msg, P.ReadDone):
                     request_id = state.granted.pop(msg.xfer_id, None)
                     if request_id is None:
@@ -251,7 +256,8 @@ class ProducerSide:
         self.refusals.append(reason)
         logger.error("kvbridge: refusing consumer %s: %s", peer, reason)
 
-    def _handle_pull(self, conn: socket.socket, pull: P.Pull, state: ServerConn) -> None:
+    def _handle_pull(self, conn: socket.socket, pull: P.Pull, state: ServerConn) -> bool:
+        """Grant (True) or refuse (False) one pull."""
         if pull.xfer_id in state.granted:
             raise P.ProtocolError(f"transfer id {pull.xfer_id} is already in flight")
         try:
@@ -270,11 +276,11 @@ class ProducerSide:
             if e.code != "not_published":
                 logger.warning("kvbridge: refusing pull %d: %s", pull.xfer_id, e.args[0])
             P.send_message(conn, P.PullError(pull.xfer_id, e.args[0], e.code))
-            return
+            return False
         except BlockIdError as e:
             logger.warning("kvbridge: refusing pull %d: %s", pull.xfer_id, e)
             P.send_message(conn, P.PullError(pull.xfer_id, str(e), "blocks"))
-            return
+            return False
         self.stats.pulls_served += 1
         state.granted[pull.xfer_id] = pull.request_id
         if sl is not None and digests:
@@ -282,4 +288,5 @@ class ProducerSide:
             digests = checksum.block_digests(self.cache, ids, sl)
         grant = P.PullGrant(pull.xfer_id, self.cache.staging_bytes(len(ids), sl), digests)
         self._send_pull(conn, grant, ids, state, sl)
+        return True
 

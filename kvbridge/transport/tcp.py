@@ -73,11 +73,18 @@ def send_buffers(sock: socket.socket, bufs: list[memoryview]) -> None:
 
 
 def recv_buffers(sock: socket.socket, bufs: list[memoryview], stall_s: float,
-                 progress: Callable[[int, int], None] | None = None) -> None:
-    """Fill ``bufs`` from ``sock``; fail if no byte arrives for ``stall_s``.
-    ``progress(i, offset)``, if given, hears after each read that buffers
-    before ``i`` are full and buffer ``i`` holds ``offset`` bytes."""
+                 progress: Callable[[int, int], None] | None = None,
+                 frames: P.FrameReader | None = None) -> None:
+    """Fill ``bufs`` from ``sock`` (first with what ``frames`` read ahead);
+    fail if no byte arrives for ``stall_s``. ``progress(i, offset)``, if
+    given, hears after each read that buffers before ``i`` are full and buffer
+    ``i`` holds ``offset`` bytes."""
     window, last = _Window(bufs), time.monotonic()
+    if frames is not None and frames.buffered:
+        while window and frames.buffered:
+            window.advance(frames.take_into(window.next()[0]))
+        if progress is not None:
+            progress(window.i, window.off)
     while window:
         try:
             got = sock.recvmsg_into(window.next())[0]
@@ -99,25 +106,26 @@ class TcpTransport(Transport):
     def _send_pull(self, conn: socket.socket, grant: P.PullGrant, ids: list[int],
                    state: ServerConn, block_slice: BlockSlice | None = None) -> None:
         nbytes = grant.nbytes
-        P.send_message(conn, grant)
-        conn.sendall(P.data_header(nbytes))
+        # Grant, data header and data in one sendmsg: a small pull reaches the
+        # consumer in one segment, one wake-up.
+        head = memoryview(P.encode(grant) + P.data_header(nbytes))
         if self.cache.device.type == "cpu" and block_slice is None:
-            send_buffers(conn, self.cache.block_buffers(ids))
+            send_buffers(conn, [head, *self.cache.block_buffers(ids)])
         else:
             # A TP shard's heads (or device memory): the copy kernel gathers
             # them into one staging buffer, one send.
             staging = self.cache.export_blocks(ids, block_slice=block_slice)
             try:
-                send_buffers(conn, [memoryview(staging.numpy())])
+                send_buffers(conn, [head, memoryview(staging.numpy())])
             finally:
                 self.cache.pool.release(staging)
         self.stats.bytes_served += nbytes
 
     def _receive_pull(self, conn: PeerConnection, handle: TransferHandle,
                       grant: P.PullGrant) -> bool:
-        sock = conn.sock
-        assert sock is not None
-        kind, length = P.recv_header(sock)
+        sock, frames = conn.sock, conn.frames
+        assert sock is not None and frames is not None
+        kind, length = frames.recv_header()
         if kind != P.KIND_DATA or length != grant.nbytes or length != handle.nbytes:
             raise P.ProtocolError(f"expected {handle.nbytes} data bytes for transfer "
                                   f"{handle.xfer_id}, got a frame of kind {kind} with {length}")
@@ -126,7 +134,7 @@ class TcpTransport(Transport):
             # Keep the stream in sync but leave the local blocks alone.
             scratch = self.cache.pool.acquire(length)
             try:
-                recv_buffers(sock, [memoryview(scratch.numpy())], stall)
+                recv_buffers(sock, [memoryview(scratch.numpy())], stall, frames=frames)
             finally:
                 self.cache.pool.release(scratch)
             return False
@@ -135,7 +143,7 @@ class TcpTransport(Transport):
             landing = (checksum.LandingDigests(self.cache, handle.local_ids)
                        if self._verifies(grant) else None)
             recv_buffers(sock, self.cache.block_buffers(handle.local_ids), stall,
-                         landing.progress if landing is not None else None)
+                         landing.progress if landing is not None else None, frames)
             if landing is not None:
                 handle.landed_digests = landing.digests(handle.local_ids)
         else:
@@ -143,7 +151,7 @@ class TcpTransport(Transport):
             # land in staging, then the copy kernel scatters.
             staging = self.cache.pool.acquire(length)
             try:
-                recv_buffers(sock, [memoryview(staging.numpy())], stall)
+                recv_buffers(sock, [memoryview(staging.numpy())], stall, frames=frames)
                 if self._verifies(grant) and checksum.supported(self.cache):
                     handle.landed_digests = checksum.staging_digests(
                         staging.numpy(), len(handle.local_ids), self.layout.num_regions)

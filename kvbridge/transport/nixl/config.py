@@ -25,6 +25,10 @@ PROGRESS_THREAD = os.environ.get("KVBRIDGE_NIXL_PROGRESS_THREAD", "0") == "1"
 #: a granted read is outstanding; each poll also progresses its UCX worker,
 #: which transports that need the target's help (TCP) rely on [0.001].
 NOTIF_POLL_S = float(os.environ.get("KVBRIDGE_NIXL_NOTIF_POLL_S", "0.001"))
+#: After granting a read the producer polls without pause this long, then
+#: every ``NOTIF_POLL_S``: a small READ needs the producer's progress at once
+#: (over UCX tcp), a long one only now and then.
+GRANT_SPIN_S = 0.002
 #: Producer's poll interval with no read outstanding: notifications are then
 #: only late stats, and a 1 ms wakeup would cost an idle server CPU.
 IDLE_POLL_S = 0.05
