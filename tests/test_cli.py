@@ -68,6 +68,34 @@ def test_bench_transport_small_run_verifies_every_byte(tmp_path):
     assert all(r["gbps"] > 0 and r["latency_us"] > 0 for r in rows)
     assert all(r["handshake_ms"] > 0 for r in rows if r["backend"] in ("tcp", "cma"))
     assert "handshake (connect, authenticate, compare layouts" in proc.stdout
+    # Where each pull's time went: every stage, producer's share included (same host).
+    for r in rows:
+        if r["backend"] in ("tcp", "cma"):
+            st = r["stages_us"]
+            assert set(st) == {"submit", "ask", "grant", "bytes", "verify", "finish", "wake",
+                               "producer"}, st
+            assert st["bytes"] > 0 and st["producer"] > 0
+            # The stages tile the pull: their medians add up to about its median.
+            assert 0.5 < sum(v for k, v in st.items() if k != "producer") / r["latency_us"] < 2
+    assert "where a pull's time goes" in proc.stdout
+    assert all(r["spread"] is None or r["spread"] >= 0 for r in rows)
+    assert "too noisy to judge" in proc.stdout  # 2 repetitions cannot be judged
+
+
+def test_bench_repeats_a_noisy_measurement_longer_and_flags_it():
+    from kvbridge.bench.transport.plan import Timing
+    from kvbridge.bench.transport.procs import repeat, spread
+
+    assert spread([1.0, 1.0, 1.0, 1.0]) == 0.0
+    assert spread([1.0, 1.0, 1.0]) is None
+    steady = iter(lambda: 0.001, None)
+    assert len(repeat(lambda: next(steady), Timing(5, 0.0, settle_time=1.0))) == 5
+    flip = iter(range(10 ** 6))
+    noisy = repeat(lambda: (1.0, 3.0)[next(flip) % 2] * 1e-3, Timing(5, 0.0, settle_time=0.2))
+    assert len(noisy) > 50 and spread(noisy) > 0.25  # kept going for 0.2 s, still noisy
+    capped = repeat(lambda: (1.0, 3.0)[next(flip) % 2] * 1e-3,
+                    Timing(5, 0.0, max_reps=20, settle_time=10.0))
+    assert len(capped) == 20
 
 
 def test_help_imports_no_subcommand_module():

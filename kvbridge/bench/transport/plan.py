@@ -112,11 +112,22 @@ NO_CHECKSUM = "-nocsum"
 
 # -- timing --------------------------------------------------------------------------------
 
+#: A measurement whose samples spread more than this (interquartile range over
+#: the median) is noisy: the full run repeats it longer, and a cell or ratio
+#: built on it is flagged "~" as too noisy to judge.
+NOISY_SPREAD = 0.25
+
+
 @dataclass
 class Timing:
+    """How often each measurement repeats: at least ``min_reps`` times and
+    ``min_time`` seconds; while its spread exceeds ``NOISY_SPREAD``, on up to
+    ``settle_time`` seconds (0: never) - always at most ``max_reps`` times."""
+
     min_reps: int
     min_time: float
     max_reps: int = 200
+    settle_time: float = 0.0
 
 
 # -- arguments -------------------------------------------------------------------------------
@@ -266,7 +277,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         getattr(args, "checksum", None) or "both"]
     plan = Plan(quick, backends, cases, skipped, modes, notes=notes, connect=connect,
                 timing=Timing(min_reps=max(1, getattr(args, "reps", 5) or 5),
-                              min_time=0.15 if quick else 0.5))
+                              min_time=0.15 if quick else 0.5,
+                              settle_time=0.0 if quick else 3.0))
     if getattr(args, "baselines", False) and cases:
         plan.baselines = ["memcpy", "socket"]
         if nixl_importable():

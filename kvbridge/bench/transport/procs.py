@@ -13,7 +13,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from kvbridge.bench.common import Progress, fmt_bytes
-from kvbridge.bench.transport.plan import BASELINES, Case, Timing, layer_block_bytes
+from kvbridge.bench.transport.plan import (
+    BASELINES,
+    NOISY_SPREAD,
+    Case,
+    Timing,
+    layer_block_bytes,
+)
 
 
 def reply(pipe: Connection, proc: mp.process.BaseProcess, timeout: float) -> Any:
@@ -58,14 +64,27 @@ def stop_process(proc: mp.process.BaseProcess, pipe: Connection | None = None,
         proc.join(5)
 
 
+def spread(samples: list[float]) -> float | None:
+    """Interquartile range over the median (0.1 = the middle half of the
+    samples lies within 10 % of the median); None for fewer than 4 samples."""
+    if len(samples) < 4:
+        return None
+    q1, med, q3 = statistics.quantiles(samples, n=4)
+    return (q3 - q1) / med if med > 0 else None
+
+
 def repeat(one: Callable[[], float], timing: Timing) -> list[float]:
     """Seconds of each repetition of ``one`` (which times itself, so setup such as
-    publishing and poisoning stays out), after one warm-up call."""
+    publishing and poisoning stays out), after one warm-up call: see ``Timing``."""
     one()
     samples: list[float] = []
     start = time.perf_counter()
-    while len(samples) < timing.min_reps or (time.perf_counter() - start < timing.min_time
-                                             and len(samples) < timing.max_reps):
+    while len(samples) < timing.max_reps:
+        elapsed = time.perf_counter() - start
+        if len(samples) >= timing.min_reps and elapsed >= timing.min_time:
+            noisy = (spread(samples) or 0.0) > NOISY_SPREAD
+            if not noisy or elapsed >= timing.settle_time:
+                break
         samples.append(one())
     return samples
 
@@ -87,8 +106,10 @@ def result(series: str, case: Case, samples: list[float] | None, verified: bool,
     }
     if samples:
         lat = statistics.median(samples)
+        sp = spread(samples)
         out.update(gbps=case.nbytes / lat / 1e9, latency_us=lat * 1e6,
-                   latency_min_us=min(samples) * 1e6, reps=len(samples))
+                   latency_min_us=min(samples) * 1e6, reps=len(samples), spread=sp,
+                   noisy=sp is None or sp > NOISY_SPREAD)
     if error is not None:
         out["error"] = error or "failed"
     out.update(extra)

@@ -12,10 +12,11 @@ from kvbridge.bench.common import fmt_bytes, table
 from kvbridge.bench.transport.plan import (
     BASELINES,
     NO_CHECKSUM,
+    NOISY_SPREAD,
     NUM_LAYERS,
     layer_block_bytes,
 )
-from kvbridge.bench.transport.report import Report
+from kvbridge.bench.transport.report import STAGES, Report
 
 
 def tables(report: Report) -> str:
@@ -35,7 +36,8 @@ def tables(report: Report) -> str:
                 row.append("FAILED")
                 bad.append(s)
                 continue
-            row.append(f"{r['gbps']:.2f} ({r['latency_us']:.0f})")
+            row.append(f"{r['gbps']:.2f} ({r['latency_us']:.0f})" + ("~" if r.get("noisy")
+                                                                     else ""))
             if not r["verified"]:
                 bad.append(s)
         row.append("yes" if not bad else "NO: " + ",".join(bad))
@@ -45,6 +47,9 @@ def tables(report: Report) -> str:
     if report.handshakes:
         main += "\n\nhandshake (connect, authenticate, compare layouts; once per peer), ms: " + \
             ", ".join(f"{b} {lo:.1f}-{hi:.1f}" for b, (lo, hi) in report.handshakes.items())
+    stages = stage_table(report)
+    if stages:
+        main += "\n\n" + stages
     baselines = [b for b in BASELINES if b in series]
     if not baselines:
         return main
@@ -53,11 +58,32 @@ def tables(report: Report) -> str:
     for case in cases:
         row = [fmt_bytes(case.nbytes)]
         for b, base in pairs:
-            ratio = (by.get((b, case.nbytes)) or {}).get("ratios", {}).get(base)
-            row.append("-" if ratio is None else f"{ratio:.2f}")
+            r = by.get((b, case.nbytes)) or {}
+            ratio = r.get("ratios", {}).get(base)
+            row.append("-" if ratio is None else f"{ratio:.2f}"
+                       + ("~" if base in r.get("ratios_noisy", ()) else ""))
         ratio_rows.append(row)
     ratios = table(["bytes", *[f"{b}/{base}" for b, base in pairs]], ratio_rows)
     return f"{main}\n\nGB/s ratios (kvbridge backend / baseline, same run):\n{ratios}"
+
+
+def stage_table(report: Report) -> str:
+    """Where each pull's time went, stage by stage (``runner.STAGES``), for
+    the series with checksums on (the default config)."""
+    names = [n for n, _, _ in STAGES]
+    rows = []
+    for r in report.results:
+        st = r.get("stages_us")
+        if not st or r["backend"] not in report.plan.with_checksums:
+            continue
+        rows.append([r["backend"], fmt_bytes(r["bytes"]), f"{r['latency_us']:.0f}",
+                     *[f"{st[n]:.0f}" if n in st else "-" for n in names],
+                     f"{st['producer']:.0f}" if "producer" in st else "-"])
+    if not rows:
+        return ""
+    return ("where a pull's time goes, us (median of each stage over the timed pulls; "
+            "stages in order, producer = its own share of 'grant'):\n"
+            + table(["series", "bytes", "total", *names, "producer"], rows))
 
 
 def checksum_cost_lines(report: Report) -> list[str]:
@@ -65,6 +91,22 @@ def checksum_cost_lines(report: Report) -> list[str]:
     return [f"checksum cost, {b}: GB/s with / without checksums: "
             + ", ".join(f"{fmt_bytes(n)} {ratio:.2f}x" for n, ratio in pairs)
             for b, pairs in report.checksum_cost.items()]
+
+
+def noise_line(report: Report) -> str:
+    """Which measurements are too noisy to judge, and what the spread means."""
+    noisy = report.noisy
+    what = (f"~ = too noisy to judge: the middle half of the samples spread over more "
+            f"than {NOISY_SPREAD:.0%} of the median (a ratio: on either side)")
+    if not noisy:
+        return f"spread: every measurement within {NOISY_SPREAD:.0%} ({what[4:]})."
+    cells = ", ".join(f"{r['backend']} {fmt_bytes(r['bytes'])}"
+                      + (f" ({r['spread']:.0%})" if r.get("spread") is not None else
+                         f" ({r.get('reps', 0)} samples)") for r in noisy)
+    advice = (" - rerun without --quick, on a quiet machine" if report.plan.quick else
+              f" even after repeating for {report.plan.timing.settle_time:.0f} s - a busy "
+              "machine?")
+    return f"{what}: {cells}{advice}."
 
 
 def footer(report: Report) -> list[str]:
@@ -75,7 +117,7 @@ def footer(report: Report) -> list[str]:
         for s, (h, bs, hs) in report.block_shapes.items())
     lines = [
         f"cells: GB/s (latency in us), median of >= {plan.timing.min_reps} repetitions after a "
-        "warm-up; bytes = blocks x 2 layers x layer-block.",
+        "warm-up (noisy ones repeated longer, see below); bytes = blocks x 2 layers x layer-block.",
         f"block: layer-block [kv_heads, block_size, 2*head_size] bf16: {shape_notes}.",
         f"kvbridge backends ({', '.join(plan.backends) or 'none'}): producer process -> "
         f"consumer process over {plan.peers.link}, random non-contiguous block ids on both "
@@ -84,6 +126,7 @@ def footer(report: Report) -> list[str]:
         f"verification included (series {NO_CHECKSUM}: checksums off); the producer "
         "digests blocks when it publishes, outside the timed pull.",
         *checksum_cost_lines(report),
+        noise_line(report),
     ]
     if plan.baselines:
         lines.append("baselines move one contiguous buffer of the same bytes: memcpy = "

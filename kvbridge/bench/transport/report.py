@@ -5,22 +5,65 @@ ratio to each baseline, the cost of end-to-end checksums, handshake times.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvbridge.bench.transport.plan import BASELINES, BLOCK_SHAPES, Plan, series_name
 
+#: The stages of a pull, in order: (name, from mark, to mark). "P:" marks are the
+#: producer's (same host only: perf_counter is CLOCK_MONOTONIC, one clock for
+#: every process of a host).
+STAGES = (
+    ("submit", "pull", "asked"),         # caller: checks, handle, Pull encoded
+    ("ask", "asked", "P:recv"),          # Pull written + wire + the producer's thread waking
+    ("grant", "P:recv", "granted"),      # lease + grant (+ data queued) + wire + reader waking
+    ("bytes", "granted", "landed"),      # the data moving into the local blocks
+    ("verify", "landed", "verified"),    # checksums of the landed blocks
+    ("finish", "verified", "done"),      # ReadDone written, after_pull, state DONE
+    ("wake", "done", "woke"),            # the caller's wait() returning
+)
+
+
+def pull_stages(marks: list[dict[str, float]], served: dict[str, tuple[float, float]],
+                request_ids: list[str]) -> dict[str, float] | None:
+    """Median microseconds of each stage of ``STAGES`` over the pulls that
+    have both marks (producer stages only with ``served``), plus ``producer``:
+    the producer's own time from reading the Pull to having sent the grant."""
+    if not marks:
+        return None
+    rows = []
+    for rid, m in zip(request_ids, marks):
+        row = dict(m)
+        if rid in served:
+            row["P:recv"], row["P:sent"] = served[rid]
+        rows.append(row)
+    out: dict[str, float] = {}
+    for name, a, b in (*STAGES, ("producer", "P:recv", "P:sent")):
+        vals = [r[b] - r[a] for r in rows if a in r and b in r]
+        if vals:
+            out[name] = statistics.median(vals) * 1e6
+    if "P:recv" not in out and "ask" not in out:
+        # No producer marks (another host): one stage from Pull written to grant read.
+        vals = [r["granted"] - r["asked"] for r in rows if "granted" in r and "asked" in r]
+        if vals:
+            out["ask+grant"] = statistics.median(vals) * 1e6
+    return out
+
 
 def add_ratios(results: list[dict], backends: Sequence[str]) -> None:
     """Each backend's GB/s over each baseline's at the same bytes, in place."""
-    base = {(r["backend"], r["bytes"]): r["gbps"] for r in results
+    base = {(r["backend"], r["bytes"]): r for r in results
             if r["backend"] in BASELINES and r["gbps"]}
     for r in results:
         if r["backend"] in backends and r["gbps"]:
-            ratios = {b: r["gbps"] / base[(b, r["bytes"])] for b in BASELINES
+            ratios = {b: r["gbps"] / base[(b, r["bytes"])]["gbps"] for b in BASELINES
                       if (b, r["bytes"]) in base}
             if ratios:
                 r["ratios"] = ratios
+                # Too noisy to judge where either side was.
+                r["ratios_noisy"] = [b for b in ratios
+                                     if r.get("noisy") or base[(b, r["bytes"])].get("noisy")]
 
 
 def checksum_ratios(results: list[dict], backends: Sequence[str]
@@ -64,6 +107,11 @@ class Report:
         """The block shapes this run used, in ``BLOCK_SHAPES`` order."""
         blocks = self.plan.blocks
         return {s: dims for s, dims in BLOCK_SHAPES.items() if s in blocks}
+
+    @property
+    def noisy(self) -> list[dict]:
+        """Measurements too noisy to judge (spread over ``NOISY_SPREAD``)."""
+        return [r for r in self.results if r.get("gbps") and r.get("noisy")]
 
     @property
     def ok(self) -> bool:

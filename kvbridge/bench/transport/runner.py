@@ -31,6 +31,7 @@ from kvbridge.bench.transport.procs import (
     result,
     stop_process,
 )
+from kvbridge.bench.transport.report import pull_stages
 
 # -- helper processes (module level, so the spawn context can pickle them) ------------
 
@@ -71,6 +72,12 @@ def producer_main(pipe: Connection, backend: str, blocks: dict[str, int], seed: 
                     transport.poll_released()
                     transport.publish(request_id, ids)
                     pipe.send(("ok", None))
+                elif cmd == "serve_marks":
+                    # (read Pull, sent grant) per request id, perf_counter seconds
+                    shape, request_ids = args
+                    wanted = set(request_ids)
+                    pipe.send(("ok", {rid: (recv, sent) for rid, recv, sent
+                                      in transports[shape].serve_marks if rid in wanted}))
                 elif cmd == "digest":
                     shape, ids = args
                     pipe.send(("ok", cache_digest(caches[shape], ids)))
@@ -134,6 +141,8 @@ def bench_backend(backend: str, cases: list[Case], blocks: dict[str, int],
                     remote = block_ids(case, blocks[shape], "remote")
                     local = block_ids(case, blocks[shape], "local")
                     durations: list[float] = []
+                    #: request id -> the handle's stage marks and when wait() returned
+                    marks: dict[str, dict[str, float]] = {}
 
                     def one() -> float:
                         rid = f"bench-{backend}-{shape}-{next(counter)}"
@@ -142,16 +151,23 @@ def bench_backend(backend: str, cases: list[Case], blocks: dict[str, int],
                         start = time.perf_counter()
                         handle = transport.pull(addresses[shape], rid, remote, local)
                         state = handle.wait(PULL_TIMEOUT_S)
-                        elapsed = time.perf_counter() - start
+                        woke = time.perf_counter()
+                        elapsed = woke - start
                         if state != TransferState.DONE:
                             handle.cancel()
                             raise RuntimeError(f"pull ended {state.value}: {handle.error}")
                         if handle.duration_s is not None:
                             durations.append(handle.duration_s)
+                        marks[rid] = {**handle.marks, "pull": start, "woke": woke}
                         return elapsed
 
                     try:
                         samples = repeat(one, timing)
+                        timed = list(marks)[-len(samples):]  # the warm-up left out
+                        stages = pull_stages([marks[r] for r in timed],
+                                             call(pipe, proc, "serve_marks", shape, timed)
+                                             if peers is None or not peers.remote else {},
+                                             timed)
                         # The last pull overwrote poisoned blocks: compare digests,
                         # the producer's computed while ours is.
                         pipe.send(("digest", shape, remote))
@@ -162,7 +178,8 @@ def bench_backend(backend: str, cases: list[Case], blocks: dict[str, int],
                                       # (the warm-up pull's duration left out)
                                       transfer_us=statistics.median(
                                           durations[-len(samples):]) * 1e6
-                                      if durations else None)
+                                      if durations else None,
+                                      stages_us=stages)
                     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                         res = result(name, case, None, False, f"{type(e).__name__}: {e}")
                     results.append(res)
