@@ -29,6 +29,7 @@ from kvbridge.cache.blocks import PagedKVCache
 from kvbridge.cache.mirror import HostMirror
 from kvbridge.layout import KVLayout
 from kvbridge.cache.shard import plan_reads, unread_ranks
+from kvbridge.transport import DEFAULT as DEFAULT_TRANSPORT
 from kvbridge.transport import TransferHandle, Transport, TransportConfig, create_transport
 
 if TYPE_CHECKING:
@@ -67,7 +68,9 @@ class KVAgent:
         kv_cache: the engine's ``PagedKVCache``, or a list of per-layer tensors
             together with ``layout``.
         layout: required when ``kv_cache`` is a list of tensors.
-        transport: ``"tcp"`` (default), ``"cma"`` (same host) or ``"nixl"``.
+        transport: ``"auto"`` (default: cma to producers of this host, tcp to
+            the rest, per producer; nixl where RDMA is present), ``"tcp"``,
+            ``"cma"`` (same host) or ``"nixl"``.
         config: transport tunables (``TransportConfig``; defaults documented
             there).
         name: agent name for logs and NIXL.
@@ -81,7 +84,7 @@ class KVAgent:
     """
 
     def __init__(self, kv_cache: PagedKVCache | Sequence[torch.Tensor],
-                 layout: KVLayout | None = None, *, transport: str = "tcp",
+                 layout: KVLayout | None = None, *, transport: str = DEFAULT_TRANSPORT,
                  config: TransportConfig | None = None, name: str | None = None,
                  host_mirror: HostMirror | None = None, instance_id: str | None = None):
         if not isinstance(kv_cache, PagedKVCache):
@@ -146,7 +149,7 @@ class KVAgent:
     # ------------------------------------------------------------------ consumer
     def pull(self, ticket: KVTicket, local_block_ids: Sequence[int]) -> TransferHandle:
         """Pull every block of ``ticket`` into ``local_block_ids`` (same count)."""
-        if ticket.transport != self.transport.name:
+        if not self.transport.pulls_from(ticket.transport):
             raise ValueError(f"ticket is for transport {ticket.transport!r}, this agent uses "
                              f"{self.transport.name!r}")
         return self.transport.pull(ticket.address, ticket.request_id, ticket.block_ids,

@@ -46,6 +46,9 @@ class ErrorCode(str, enum.Enum):
     CANCELLED = "cancelled"
     #: Invalid configuration (unknown key, bad value).
     CONFIG = "config"
+    #: The consumer asked for a medium the producer does not serve or cannot
+    #: serve to it (cma across hosts); ``auto`` then tries the next one.
+    BACKEND = "backend"
     #: The transport itself failed (a backend error, a failed local copy).
     TRANSFER = "transfer"
 

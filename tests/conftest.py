@@ -105,7 +105,7 @@ def python_exe() -> str:
     return sys.executable
 
 
-TRANSPORT_BACKENDS = ["tcp", "cma", "nixl"]
+TRANSPORT_BACKENDS = ["auto", "tcp", "cma", "nixl"]
 
 
 @pytest.fixture(params=TRANSPORT_BACKENDS)

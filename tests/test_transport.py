@@ -590,3 +590,89 @@ def test_cma_small_reads_plan_the_same_iovecs_as_large_ones(monkeypatch, slices)
             small, large = spans(True), spans(False)
             assert small == large
             assert sum(n for _, n in small[0]) == t.cache.staging_bytes(n, l_sl if slices else None)
+
+
+# -- auto: the medium chosen per producer ------------------------------------------------
+
+def _pull_all(cons, address: str, rid: str, remote: list[int], local: list[int]) -> None:
+    h = cons.pull(address, rid, remote, local)
+    assert h.wait(30) == TransferState.DONE, h.error
+
+
+def test_auto_reads_this_hosts_producers_by_cma_and_others_by_tcp(producers, consumers, caplog):
+    """``auto`` asks each producer for cma first and falls back to tcp where
+    the producer refuses it (here: a producer that serves tcp only); an auto
+    producer serves auto, tcp and cma consumers alike."""
+    auto_prod, tcp_prod = producers("auto"), producers("tcp")
+    cons = consumers("auto")
+    remote, local = [5, 9, 2, 30], [1, 40, 41, 7]
+    caplog.set_level("INFO", logger="kvbridge.transport")
+    for prod, medium in ((auto_prod, "cma"), (tcp_prod, "tcp")):
+        prod.publish(f"r-{medium}", remote)
+        _pull_all(cons, prod.address, f"r-{medium}", remote, local)
+        assert digest(cons.cache, local) == prod.call("digest", remote)
+    m = cons.metrics()
+    assert m["media"] == {"cma": 1, "tcp": 1} and m["handshakes"] == 2
+    assert m["transport"] == "auto" and m["transfers_done"] == 2
+    assert any("cma cannot reach producer" in r.getMessage() and tcp_prod.address in
+               r.getMessage() for r in caplog.records)
+    assert tcp_prod.call("metrics")["refusals"] == [
+        "consumer uses transport 'cma', this producer serves 'tcp'"]
+    # Learned once: the next pull from the tcp producer asks for tcp at once.
+    tcp_prod.publish("again", remote)
+    _pull_all(cons, tcp_prod.address, "again", remote, local)
+    assert cons.metrics()["handshakes"] == 2
+    assert len(tcp_prod.call("metrics")["refusals"]) == 1
+    # Plain tcp and cma consumers read an auto producer's blocks.
+    for name in ("tcp", "cma"):
+        other = consumers(name)
+        auto_prod.publish(f"by-{name}", remote)
+        _pull_all(other, auto_prod.address, f"by-{name}", remote, local)
+        assert digest(other.cache, local) == auto_prod.call("digest", remote)
+        assert other.metrics()["media"] == {name: 1}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a PID namespace needs root (unshare --pid)")
+def test_auto_falls_back_to_tcp_across_a_pid_namespace(consumers, caplog):
+    """A producer in another PID namespace (a container on this host) cannot
+    be read by cma: it refuses, and auto moves the same bytes over tcp."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "helpers" / "pidns_producer.py"
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, str(script), "auto",
+                             "11"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **ENV})
+    try:
+        address = proc.stdout.readline().strip()
+        assert address, "the producer in the new PID namespace did not start"
+        cons = consumers("auto")
+        caplog.set_level("INFO", logger="kvbridge.transport")
+        proc.stdin.write("ns-1\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "ok"
+        _pull_all(cons, address, "ns-1", [0, 1, 2, 3], [8, 9, 10, 11])
+        expected = make_cache(16, 11)
+        assert digest(cons.cache, [8, 9, 10, 11]) == digest(expected, [0, 1, 2, 3])
+        assert cons.metrics()["media"] == {"tcp": 1}
+        assert any("one host and in one PID namespace" in r.getMessage()
+                   for r in caplog.records if "cma cannot reach" in r.getMessage())
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_auto_resolves_to_nixl_only_where_rdma_is_present(tmp_path):
+    from kvbridge.transport import auto
+
+    assert auto.rdma_devices(str(tmp_path / "absent")) == []
+    (tmp_path / "mlx5_0").mkdir()
+    assert auto.rdma_devices(str(tmp_path)) == ["mlx5_0"]
+    assert auto.resolve(True, ["mlx5_0"]) == "nixl"
+    assert auto.resolve(False, ["mlx5_0"]) == "auto"   # no nixl installed
+    assert auto.resolve(True, []) == "auto"

@@ -19,7 +19,7 @@ def parse(extra: dict | None = None, role: str = "kv_consumer") -> KVBridgeConfi
 
 def test_defaults():
     cfg = parse()
-    assert (cfg.transport, cfg.base_port, cfg.host_staging) == ("tcp", 14579, "auto")
+    assert (cfg.transport, cfg.base_port, cfg.host_staging) == ("auto", 14579, "auto")
     assert (cfg.step_yield_s, cfg.idle_wait_s) == (0.002, 0.020)
     assert parse({"idle_wait_ms": 0, "step_yield_ms": 5}).idle_wait_s == 0
     assert parse({"idle_wait_ms": "7.5"}).idle_wait_s == pytest.approx(0.0075)

@@ -49,6 +49,13 @@ def kvbridge_samples(url: str) -> dict[str, float]:
     return out
 
 
+def connections_by_medium(url: str) -> dict[str, float]:
+    """``vllm:kvbridge_connections_total`` by its ``medium`` label."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {s.labels["medium"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "vllm:kvbridge_connections_total"}
+
+
 def kvbridge_delta(url: str, before: dict[str, float], transfers: int,
                    timeout_s: float = 15.0) -> dict[str, float]:
     """What /metrics added since ``before``, once ``transfers`` loads show: the
@@ -85,7 +92,7 @@ def colocated_text(tiny_model_dir, tmp_path_factory):
         stop_all([s])
 
 
-@pytest.mark.parametrize("transport", ["tcp", "cma", "nixl"])
+@pytest.mark.parametrize("transport", ["auto", "tcp", "cma", "nixl"])
 def test_pd_servers_token_identical(tiny_model_dir, tmp_path, transport, colocated_text):
     kv_port = free_port()
     prefill = start_server("prefill", tiny_model_dir, free_port(), cpu_core=0, log_dir=tmp_path,
@@ -116,6 +123,9 @@ def test_pd_servers_token_identical(tiny_model_dir, tmp_path, transport, colocat
         # Its first pull from this producer shook hands (the transport's timing).
         assert delta.get("vllm:kvbridge_handshakes_total", 0) >= 1, delta
         assert delta["vllm:kvbridge_handshake_time_seconds_total"] > 0
+        # The medium the bytes moved by: auto chose cma, both servers on this host.
+        medium = "cma" if transport == "auto" else transport
+        assert connections_by_medium(decode.url) == {medium: 1.0}
         src = prompt_sources(decode.url)
         assert src.get("local_compute", 0) == 0, src
         assert src["external_kv_transfer"] == d["usage"]["prompt_tokens"]

@@ -58,6 +58,9 @@ def two_workers() -> KVBridgeKVConnectorStats:
     rank0.bump("handshake_seconds", 0.010)
     rank1.bump("staged_to_host", 5)
     rank1.bump("staging_seconds", 0.5)
+    rank0.record_connections("cma")
+    rank1.record_connections("cma")
+    rank1.record_connections("tcp", 2)
     return rank0.aggregate(rank1)
 
 
@@ -68,6 +71,7 @@ def test_aggregate_keeps_every_sample_and_count():
     assert s.num_successful_transfers == 2
     assert s.data["failed_transfers"] == {"timeout": 2, "checksum": 1}
     assert s.num_failed_transfers == 3
+    assert s.data["connections_by_medium"] == {"cma": 2, "tcp": 2}
     assert not s.is_empty()
 
 
@@ -81,6 +85,7 @@ def test_reduce_is_the_log_line():
     assert r["Failed (timeout)"] == 2 and r["Failed (checksum)"] == 1
     assert r["Avg handshake time (ms)"] == 10.0
     assert r["Host staging blocks d2h"] == 5
+    assert r["Connections (cma)"] == 2 and r["Connections (tcp)"] == 2
 
 
 def test_empty_until_something_happens():
@@ -89,6 +94,9 @@ def test_empty_until_something_happens():
     s.bump("num_expired_leases")
     assert not s.is_empty()
     assert KVBridgeConnector.build_kv_connector_stats().is_empty()
+    s = KVBridgeKVConnectorStats()
+    s.record_connections("tcp")
+    assert not s.is_empty()
 
 
 def test_observe_after_the_trip_between_processes():
@@ -110,6 +118,8 @@ def test_observe_after_the_trip_between_processes():
     assert value(registry, "vllm:kvbridge_handshake_time_seconds_total") == pytest.approx(0.01)
     assert value(registry, "vllm:kvbridge_host_staging_blocks_total", direction="to_host") == 5
     assert value(registry, "vllm:kvbridge_host_staging_time_seconds_total") == 0.5
+    assert value(registry, "vllm:kvbridge_connections_total", medium="cma") == 2
+    assert value(registry, "vllm:kvbridge_connections_total", medium="tcp") == 2
     # A second interval adds to the first.
     metrics.observe(KVBridgeKVConnectorStats().to_dict() | {"bytes_transferred": [100]})
     assert value(registry, "vllm:kvbridge_bytes_transferred_count") == 3

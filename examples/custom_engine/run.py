@@ -203,7 +203,7 @@ def consumer_main(cfg: dict, from_a: Connection, parent: Connection) -> None:
 
 # ---------------------------------------------------------------------- parent
 
-def run(transport: str = "tcp", prompt: str = DEFAULT_PROMPT, tokens: int = 16, *,
+def run(transport: str = "auto", prompt: str = DEFAULT_PROMPT, tokens: int = 16, *,
         model_dir: str | os.PathLike | None = None, block_size: int = 16,
         block_size_b: int | None = None, dtype_b: str = "float32", num_blocks: int = 64,
         timeout: float = 60.0) -> dict:
@@ -359,7 +359,7 @@ def _print_summary(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--transport", default="tcp", choices=["tcp", "cma", "nixl"])
+    ap.add_argument("--transport", default="auto", choices=["auto", "tcp", "cma", "nixl"])
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--tokens", type=int, default=16, help="new tokens in all (A makes the first)")
     ap.add_argument("--model", default=None, help="model directory [the tiny Llama, built "

@@ -59,7 +59,7 @@ def free_port_block(count: int, tries: int = 50) -> int:
     raise RuntimeError(f"no {count} consecutive free ports found")
 
 
-def kv_transfer_config(role: str, *, transport: str = "tcp", kv_port: int | None = None,
+def kv_transfer_config(role: str, *, transport: str = "auto", kv_port: int | None = None,
                        policy: str = "fail", connector: str = "KVBridgeConnector",
                        extra: dict | None = None) -> dict:
     cfg = {"kv_connector": connector, "kv_role": role, "kv_load_failure_policy": policy}

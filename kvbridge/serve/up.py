@@ -46,7 +46,9 @@ DEMO_COMPLETION = ("Return a new list containing all items from the iterable in 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model path or name (default: the tiny local model, built "
                    "if missing)")
-    p.add_argument("--transport", default="tcp", choices=["tcp", "cma", "nixl"])
+    p.add_argument("--transport", default="auto", choices=["auto", "tcp", "cma", "nixl"],
+                   help="how KV moves: auto (default) picks cma on one host, tcp across "
+                        "hosts, nixl where RDMA is present")
     p.add_argument("--router", default="builtin", choices=["builtin", "vllm-router"])
     p.add_argument("--prefill-instances", type=int, default=1)
     p.add_argument("--decode-instances", type=int, default=1)

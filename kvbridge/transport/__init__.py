@@ -2,6 +2,8 @@
 """Transports: one interface (``base.Transport``), one module per medium.
 
 =========  ==================================================================
+``auto``   the default: ``cma`` to producers on this host, ``tcp`` to the
+           rest, chosen per producer; ``nixl`` where RDMA is present.
 ``tcp``    built in; bytes on the control connection, sendmsg/recvmsg_into
            straight from and into cache blocks.
 ``cma``    same host: the consumer reads the producer's blocks directly with
@@ -24,6 +26,7 @@ from kvbridge.transport.leases import LeaseTable
 
 #: name -> "module:Class"
 BACKENDS = {
+    "auto": "kvbridge.transport.auto:AutoTransport",
     "tcp": "kvbridge.transport.tcp:TcpTransport",
     "cma": "kvbridge.transport.cma:CmaTransport",
     "nixl": "kvbridge.transport.nixl:NixlTransport",
@@ -31,10 +34,21 @@ BACKENDS = {
 ALIASES = {"same-host": "cma", "shm": "cma"}
 
 
+#: The transport when none is configured.
+DEFAULT = "auto"
+
+
 def transport_class(name: str) -> type[Transport]:
     key = ALIASES.get(name, name)
     if key not in BACKENDS:
         raise ValueError(f"unknown transport {name!r}; choose from {sorted(BACKENDS)}")
+    if key == "auto":
+        from kvbridge.transport.auto import rdma_devices, resolve
+
+        # Only where RDMA is present is nixl even looked for (importing it
+        # loads UCX, which costs a second and memory).
+        if rdma_devices():
+            key = resolve(_nixl_available())
     module, cls = BACKENDS[key].split(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -42,6 +56,14 @@ def transport_class(name: str) -> type[Transport]:
 def create_transport(name: str, cache: PagedKVCache, config: TransportConfig | None = None,
                      **kw) -> Transport:
     return transport_class(name)(cache, config, **kw)
+
+
+def _nixl_available() -> bool:
+    try:
+        cls = transport_class("nixl")
+    except ImportError:
+        return False
+    return cls.is_available()
 
 
 def available() -> list[str]:
@@ -57,5 +79,5 @@ def available() -> list[str]:
     return out
 
 
-__all__ = ["BACKENDS", "LeaseTable", "TransferError", "TransferHandle", "TransferState",
+__all__ = ["BACKENDS", "DEFAULT", "LeaseTable", "TransferError", "TransferHandle", "TransferState",
            "Transport", "TransportConfig", "available", "create_transport", "transport_class"]

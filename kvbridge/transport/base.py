@@ -50,6 +50,10 @@ class Transport(ProducerSide, ConsumerSide):
 
     #: registry name of the backend
     name = "base"
+    #: the producers' transports (ticket / ``kv_transfer_params`` names) this
+    #: consumer can read from besides its own: an ``auto`` producer serves tcp
+    #: and cma consumers too
+    reads_from: tuple[str, ...] = ()
 
     def __init__(self, cache: PagedKVCache, config: TransportConfig | None = None,
                  *, agent_name: str | None = None):
@@ -156,9 +160,25 @@ class Transport(ProducerSide, ConsumerSide):
         ``Handshake``). Consumer's connecting thread."""
         return {}
 
-    def _server_accept_peer(self, info: dict):
-        """Per-connection producer state from the consumer's ``info``; raise to
-        refuse the consumer (the message is sent to it). Per-connection thread."""
+    def _serves(self, medium: str) -> bool:
+        """Whether this producer serves a consumer asking for ``medium`` (the
+        handshake's backend name). Per-connection thread."""
+        return medium == self.name
+
+    def _medium_for(self, conn: PeerConnection) -> str:
+        """The medium this consumer asks ``conn``'s producer for. Consumer's
+        connecting thread."""
+        return self.name
+
+    def pulls_from(self, transport: str) -> bool:
+        """Whether this consumer can read from a producer of ``transport``
+        (the name in its tickets / ``kv_transfer_params``)."""
+        return transport == self.name or transport in self.reads_from
+
+    def _server_accept_peer(self, info: dict, medium: str):
+        """Per-connection producer state from the consumer's ``info`` and the
+        ``medium`` it asked for; raise to refuse the consumer (the message is
+        sent to it). Per-connection thread."""
         return None
 
     def _send_pull(self, conn: socket.socket, grant: P.PullGrant, ids: list[int],

@@ -89,6 +89,7 @@ def read_remote(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, 
 
 class CmaTransport(Transport):
     name = "cma"
+    reads_from = ("auto",)
 
     @staticmethod
     def is_available() -> bool:
@@ -114,7 +115,7 @@ class CmaTransport(Transport):
     def _client_info(self) -> dict:
         return host_identity()
 
-    def _server_accept_peer(self, info: dict):
+    def _server_accept_peer(self, info: dict, medium: str):
         mine = host_identity()
         if info.get("boot_id") != mine["boot_id"] or info.get("pidns") != mine["pidns"]:
             raise ValueError("the cma transport needs both processes on one host and in one "

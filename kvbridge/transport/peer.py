@@ -60,6 +60,9 @@ class PeerConnection:
         self.refusal: LayoutMismatchError | None = None
         #: the producer process's identity (``Transport.instance_id`` there)
         self.instance: str | None = None
+        #: the medium the bytes move by ("tcp", "cma"...): the backend's name,
+        #: or what ``auto`` chose for this producer
+        self.medium: str | None = None
 
 class PeerLinks:
     """One handshaken ``PeerConnection`` per producer address (a mixin)."""
@@ -116,8 +119,11 @@ class PeerLinks:
                 self.stats.handshakes += 1
                 self.stats.handshake_seconds += time.monotonic() - t0
                 # Which producers this consumer reads from, once per connection.
+                medium = conn.medium or self.name
+                self.stats.media[medium] = self.stats.media.get(medium, 0) + 1
                 logger.info("kvbridge: paired with producer %s (%s, handshake %.1f ms)",
-                            conn.address, self.name, 1e3 * (time.monotonic() - t0))
+                            conn.address, medium if medium == self.name
+                            else f"{self.name}: {medium}", 1e3 * (time.monotonic() - t0))
             conn.reader = threading.Thread(target=self._reader_loop, args=(conn,), daemon=True,
                                            name=f"{self.name}-reader-{conn.address}")
             conn.reader.start()
@@ -155,7 +161,8 @@ class PeerLinks:
         conn.frames = P.FrameReader(sock)
         self._tune(sock)
         try:
-            reply = P.client_handshake(sock, self.layout, self.name, self.secret,
+            conn.medium = self._medium_for(conn)
+            reply = P.client_handshake(sock, self.layout, conn.medium, self.secret,
                                        self._client_info(), self.agent_name)
         except P.PeerRefused as e:
             err = e.error

@@ -43,6 +43,8 @@ class ServerConn:
     control: bool = False
     #: the consumer's layout was refused: it may only Release
     refused: bool = False
+    #: what the consumer asked this producer to move its bytes by ("tcp"...)
+    medium: str = ""
 
 
 class ProducerSide:
@@ -205,11 +207,12 @@ class ProducerSide:
                                                  "shared secret"))
             return False
         state.control = hs.backend == CONTROL_BACKEND
-        if hs.backend != self.name and not state.control:
+        if not state.control and not self._serves(hs.backend):
             msg = f"consumer uses transport {hs.backend!r}, this producer serves {self.name!r}"
             self._refuse(peer, msg)
             self._try_send(conn, P.Error("backend", msg))
             return False
+        state.medium = hs.backend
         try:
             check_pairable(self.layout, hs.layout)
         except LayoutMismatchError as e:
@@ -221,7 +224,8 @@ class ProducerSide:
             return state.refused
         try:
             # A control client moves no bytes: no per-consumer backend state.
-            state.backend = None if state.control else self._server_accept_peer(hs.info)
+            state.backend = (None if state.control
+                             else self._server_accept_peer(hs.info, hs.backend))
         except Exception as e:  # backend refused (e.g. not the same host)
             self._refuse(peer, str(e))
             self._try_send(conn, P.Error("backend", str(e)))

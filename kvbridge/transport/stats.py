@@ -29,6 +29,9 @@ class TransportStats:
     releases_received: int = 0
     #: consumer: failed pulls by ``ErrorCode`` value ("timeout", "peer_gone"...)
     failures: dict = field(default_factory=dict)
+    #: consumer: producer connections opened, by the medium their bytes move
+    #: by ("tcp", "cma"...; what ``auto`` chose for each producer)
+    media: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)

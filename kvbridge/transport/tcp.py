@@ -102,6 +102,7 @@ def recv_buffers(sock: socket.socket, bufs: list[memoryview], stall_s: float,
 
 class TcpTransport(Transport):
     name = "tcp"
+    reads_from = ("auto",)
 
     def _send_pull(self, conn: socket.socket, grant: P.PullGrant, ids: list[int],
                    state: ServerConn, block_slice: BlockSlice | None = None) -> None:

@@ -6,12 +6,14 @@ Example::
     --kv-transfer-config '{"kv_connector": "KVBridgeConnector",
                            "kv_role": "kv_producer",
                            "kv_port": 14579,
-                           "kv_connector_extra_config": {"transport": "tcp"}}'
+                           "kv_connector_extra_config": {"transport": "auto"}}'
 
 =====================  ==============================================  ===========
 key                    meaning                                         default
 =====================  ==============================================  ===========
-``transport``          ``tcp``, ``cma`` (same host) or ``nixl``        ``tcp``
+``transport``          ``auto``: per producer, ``cma`` on this host,    ``auto``
+                       ``tcp`` across hosts (``nixl`` where RDMA is
+                       present); or ``tcp``, ``cma``, ``nixl``
 ``host``               address the producer's listener binds           127.0.0.1
 ``advertise_host``     address consumers are told to dial              ``host``
 ``port``               producer base port; rank r listens on port+r    ``kv_port``
@@ -81,6 +83,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvbridge.transport import DEFAULT as DEFAULT_TRANSPORT
 from kvbridge.transport import TransportConfig, transport_class
 
 _KNOWN = {"transport", "host", "advertise_host", "port", "lease_s", "secret",
@@ -133,7 +136,7 @@ class KVBridgeConfig:
         role = ktc.kv_role or "kv_both"
         if role not in ("kv_producer", "kv_consumer", "kv_both"):
             raise ValueError(f"kv_role must be kv_producer, kv_consumer or kv_both, got {role!r}")
-        transport = str(extra.get("transport", "tcp"))
+        transport = str(extra.get("transport", DEFAULT_TRANSPORT))
         transport_class(transport)  # unknown names fail here, at start-up
         tc = TransportConfig(
             host=str(extra.get("host", "127.0.0.1")),

@@ -34,6 +34,8 @@ _COUNTERS = ("num_expired_leases", "num_checksum_failures", "num_handshakes",
              "handshake_seconds", "staged_to_host", "staged_to_device", "staging_seconds",
              "num_published", "num_released", "num_aborted_loads")
 _FAILURES = "failed_transfers"
+#: producer connections opened, by medium ("cma", "tcp"...: what auto chose)
+_MEDIA = "connections_by_medium"
 
 
 @dataclass
@@ -46,7 +48,8 @@ class KVBridgeKVConnectorStats(KVConnectorStats):
             self.reset()
 
     def reset(self) -> None:
-        self.data = {**{k: [] for k in _SAMPLES}, **{k: 0 for k in _COUNTERS}, _FAILURES: {}}
+        self.data = {**{k: [] for k in _SAMPLES}, **{k: 0 for k in _COUNTERS}, _FAILURES: {},
+                     _MEDIA: {}}
 
     def record_transfer(self, nbytes: int, seconds: float, blocks: int) -> None:
         """One successful load (every pull of it on this rank)."""
@@ -58,6 +61,11 @@ class KVBridgeKVConnectorStats(KVConnectorStats):
         """One failed load, counted under the ``ErrorCode`` that failed it."""
         failures = self.data[_FAILURES]
         failures[str(reason)] = failures.get(str(reason), 0) + 1
+
+    def record_connections(self, medium: str, n: int = 1) -> None:
+        """``n`` producer connections opened whose bytes move by ``medium``."""
+        media = self.data.setdefault(_MEDIA, {})
+        media[medium] = media.get(medium, 0) + n
 
     def bump(self, key: str, n: int | float = 1) -> None:
         self.data[key] = self.data.get(key, 0) + n
@@ -99,6 +107,8 @@ class KVBridgeKVConnectorStats(KVConnectorStats):
                     for code, count in sorted(d.get(_FAILURES, {}).items()) if count})
         if d.get("num_checksum_failures"):
             out["Checksum failures"] = d["num_checksum_failures"]
+        out.update({f"Connections ({medium})": count
+                    for medium, count in sorted(d.get(_MEDIA, {}).items()) if count})
         if d.get("num_handshakes"):
             out["Handshakes"] = d["num_handshakes"]
             out["Avg handshake time (ms)"] = round(
@@ -111,7 +121,7 @@ class KVBridgeKVConnectorStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return not (self.num_successful_transfers or self.num_failed_transfers
-                    or any(self.data.get(k) for k in _COUNTERS))
+                    or any(self.data.get(k) for k in _COUNTERS) or self.data.get(_MEDIA))
 
     def to_dict(self) -> dict[str, Any]:
         return self.data
@@ -181,6 +191,12 @@ class KVBridgePromMetrics(KVConnectorPromMetrics):
             name="vllm:kvbridge_handshakes",
             documentation="Handshakes with producers (layouts paired).",
             labelnames=labelnames))
+        self._connections = self._counter_cls(
+            name="vllm:kvbridge_connections",
+            documentation="Connections to producers, by the medium their bytes move by "
+                          "(medium: cma, tcp, nixl; with transport auto, what it chose per "
+                          "producer).",
+            labelnames=labelnames + ["medium"])
         self.handshake_time = per_engine(self._counter_cls(
             name="vllm:kvbridge_handshake_time_seconds",
             documentation="Time spent in handshakes with producers, seconds.",
@@ -206,6 +222,9 @@ class KVBridgePromMetrics(KVConnectorPromMetrics):
                                (self.blocks_transferred, "blocks_transferred")):
             for sample in d.get(key, ()):
                 histogram[engine_idx].observe(sample)
+        for medium, count in d.get(_MEDIA, {}).items():
+            self._connections.labels(*self.per_engine_labelvalues[engine_idx],
+                                     medium).inc(count)
         for reason, count in d.get(_FAILURES, {}).items():
             self._failed_transfers.labels(*self.per_engine_labelvalues[engine_idx],
                                           reason).inc(count)

@@ -138,6 +138,8 @@ class KVBridgeWorker:
         self._mirror_reported: tuple[int, int, float] = (0, 0, 0.0)
         #: the transport's (handshakes, handshake_seconds) already reported
         self._handshakes_reported: tuple[int, float] = (0, 0.0)
+        #: the transport's producer connections by medium already reported
+        self._media_reported: dict[str, int] = {}
         #: sleep mode: the transport is closed until restore_kv_caches
         self.kv_unregistered = False
         #: this step computes no token (``KVBridgeConnectorMetadata.idle_step``)
@@ -215,8 +217,9 @@ class KVBridgeWorker:
             return
         assert self.agent is not None
         address = self._start_agent(instance_id=self.agent.instance_id)
-        # The new transport counts its handshakes from zero.
+        # The new transport counts its handshakes (and connections) from zero.
         self._handshakes_reported = (0, 0.0)
+        self._media_reported = {}
         self.kv_unregistered = False
         logger.info("KVBridgeConnector: transport restored after sleep mode%s",
                     f", serving on {address}" if address else "")
@@ -438,6 +441,11 @@ class KVBridgeWorker:
                 self._stats.bump("num_handshakes", now_hs[0] - last_hs[0])
                 self._stats.bump("handshake_seconds", now_hs[1] - last_hs[1])
                 self._handshakes_reported = now_hs
+            # Which medium each new producer connection took (what auto chose).
+            for medium, n in list(transport_stats.media.items()):
+                if n != self._media_reported.get(medium, 0):
+                    self._stats.record_connections(medium, n - self._media_reported.get(medium, 0))
+                    self._media_reported[medium] = n
         if self.mirror is not None:
             # The mirror counts since start; report what this interval added.
             now = (self.mirror.blocks_to_host, self.mirror.blocks_to_device, self.mirror.seconds)
