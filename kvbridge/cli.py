@@ -23,9 +23,12 @@ import sys
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from kvbridge.demo import tiny_model
 
-    out = tiny_model.build(args.out_dir, seed=args.seed, arch=args.arch)
-    print(f"tiny {args.arch} model written to {out} "
-          f"(digest {tiny_model.tree_digest(out)[:16]})")
+    out = tiny_model.build(args.out_dir, seed=args.seed, arch=args.arch,
+                           kv_shape=args.kv_shape)
+    kv = tiny_model.kv_bytes_per_token(args.arch, args.kv_shape)
+    print(f"tiny {args.arch} model{f' with the KV shape of {args.kv_shape}' if args.kv_shape else ''}"
+          f" written to {out} (KV {kv // 1024} KiB per token; digest "
+          f"{tiny_model.tree_digest(out)[:16]})")
     return 0
 
 
@@ -80,7 +83,7 @@ def _cmd_demo_blocks(args: argparse.Namespace) -> int:
 
 
 def _tiny_model_arguments(t: argparse.ArgumentParser) -> None:
-    from kvbridge.demo.tiny_model import ARCHS
+    from kvbridge.demo.tiny_model import ARCHS, KV_SHAPES
 
     t.add_argument("out_dir")
     t.add_argument("--seed", type=int, default=0)
@@ -88,6 +91,10 @@ def _tiny_model_arguments(t: argparse.ArgumentParser) -> None:
                    help="model architecture: llama (default; GQA), qwen3 (q/k norm), "
                         "gemma3 (sliding-window + full attention layers: two KV cache "
                         "groups), deepseek_v2 (MLA: one 576-wide latent per token)")
+    t.add_argument("--kv-shape", choices=sorted(KV_SHAPES), default=None,
+                   help="give the KV cache a real model's shape, little compute besides: "
+                        "llama8b = 32 layers x 8 KV heads x 128 (Llama-3-8B, 128 KiB per "
+                        "token); llama and qwen3 only")
 
 
 def _info_arguments(i: argparse.ArgumentParser) -> None:

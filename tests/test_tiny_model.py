@@ -157,3 +157,19 @@ def test_arch_loads_in_vllm_and_greedy_is_deterministic(arch, python_exe):
         layout = KVLayout.from_dict(r["layout"])
         assert (layout.head_size, layout.block_size, layout.block_bytes) == (
             576, bs, bs * 576 * 2)
+
+
+def test_kv_shape_llama8b_has_llama3_8b_kv_bytes_per_token(tmp_path):
+    out = tiny_model.build(tmp_path / "m", arch="llama", kv_shape="llama8b")
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]) == (32, 8, 128)
+    assert cfg["hidden_size"] == 256  # little compute besides
+    # Llama-3-8B: 32 layers x 8 KV heads x 128 x (K, V) x bf16 = 128 KiB per token.
+    assert tiny_model.kv_bytes_per_token("llama", "llama8b") == 128 << 10
+    assert tiny_model.kv_bytes_per_token("llama") == 2 * 2 * 64 * 2 * 2
+    assert json.loads((out / "kvbridge_tiny_model.json").read_text())["kv_shape"] == "llama8b"
+    assert "kvllama8b" in tiny_model.default_path(kv_shape="llama8b").name
+    with pytest.raises(ValueError, match="applies to llama and qwen3"):
+        tiny_model.build(tmp_path / "x", arch="deepseek_v2", kv_shape="llama8b")
+    with pytest.raises(ValueError, match="unknown kv shape"):
+        tiny_model.build(tmp_path / "y", kv_shape="llama70b")

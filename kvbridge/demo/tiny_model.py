@@ -19,6 +19,11 @@ KV-cache shape that makes it interesting:
 * ``deepseek_v2``: ``DeepseekV2ForCausalLM`` with multi-head latent attention
   (kv_lora_rank 512 + rope 64 = one 576-wide latent per token), dense MLPs only.
 
+``--kv-shape llama8b`` keeps the architecture and its little compute but gives
+the KV cache the shape of Llama-3-8B: 32 layers x 8 KV heads x 128 (bf16),
+128 KiB per token - 256 MiB for a 2k-token prompt, the case disaggregation has
+to move fast (``benchmarks/pd_compare``).
+
 Weights are drawn with a larger standard deviation than usual so the logits
 spread out and greedy decoding does not tie - and so any corruption of the KV
 cache visibly changes the continuation. The same seed gives byte-identical
@@ -87,6 +92,13 @@ DEEPSEEK_V2_CONFIG = dict(
     qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=2,
     n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128,
     rope_theta=10000.0, rms_norm_eps=1e-6)
+#: ``--kv-shape``: KV-cache shapes of real models on a tiny model (hidden 256):
+#: name -> the fields it overrides. llama8b: Llama-3-8B's 32 layers x 8 KV heads
+#: x head size 128 = 128 KiB of bf16 KV per token.
+KV_SHAPES = {
+    "llama8b": dict(num_hidden_layers=32, num_key_value_heads=8, num_attention_heads=8,
+                    head_dim=128),
+}
 #: Supported architectures, the first is the default.
 ARCHS = ("llama", "qwen3", "gemma3", "deepseek_v2")
 #: arch -> (config dict, transformers config class, model class).
@@ -152,14 +164,30 @@ def _check_arch(arch: str) -> None:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
 
 
-def build(out_dir: str | os.PathLike, seed: int = 0, arch: str = "llama") -> Path:
+def kv_bytes_per_token(arch: str = "llama", kv_shape: str | None = None) -> int:
+    """bf16 KV-cache bytes one token takes (K and V, every layer)."""
+    shape = {**arch_config(arch), **KV_SHAPES.get(kv_shape or "", {})}
+    return shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"] * 2 * 2
+
+
+def _check_kv_shape(arch: str, kv_shape: str | None) -> None:
+    if kv_shape is not None and kv_shape not in KV_SHAPES:
+        raise ValueError(f"unknown kv shape {kv_shape!r}; choose from {', '.join(KV_SHAPES)}")
+    if kv_shape is not None and arch not in ("llama", "qwen3"):
+        raise ValueError(f"--kv-shape applies to llama and qwen3, not {arch}")
+
+
+def build(out_dir: str | os.PathLike, seed: int = 0, arch: str = "llama",
+          kv_shape: str | None = None) -> Path:
     """Write the tokenizer and model to ``out_dir``; returns the path."""
     _check_arch(arch)
+    _check_kv_shape(arch, kv_shape)
     import torch
     import transformers
     from transformers import PreTrainedTokenizerFast
 
     shape, config_name, model_name = _ARCH_SPECS[arch]
+    shape = {**shape, **KV_SHAPES.get(kv_shape or "", {})}
     config_cls = getattr(transformers, config_name)
     model_cls = getattr(transformers, model_name)
     out = Path(out_dir)
@@ -204,6 +232,8 @@ def build(out_dir: str | os.PathLike, seed: int = 0, arch: str = "llama") -> Pat
     stamp = {"seed": seed, "vocab_size": vocab, **shape}
     if arch != "llama":
         stamp["arch"] = arch
+    if kv_shape is not None:
+        stamp["kv_shape"] = kv_shape
     (out / "kvbridge_tiny_model.json").write_text(
         json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     return out
@@ -225,9 +255,11 @@ def read_arch(path: str | os.PathLike) -> str:
     return stamp.get("arch", "llama")
 
 
-def ensure(out_dir: str | os.PathLike, seed: int = 0, arch: str = "llama") -> Path:
+def ensure(out_dir: str | os.PathLike, seed: int = 0, arch: str = "llama",
+           kv_shape: str | None = None) -> Path:
     """Build into ``out_dir`` unless a complete build is already there."""
     _check_arch(arch)
+    _check_kv_shape(arch, kv_shape)
     out = Path(out_dir)
     if (out / "kvbridge_tiny_model.json").exists() and (out / "model.safetensors").exists():
         found = read_arch(out)
@@ -235,7 +267,7 @@ def ensure(out_dir: str | os.PathLike, seed: int = 0, arch: str = "llama") -> Pa
             raise ValueError(f"{out} holds a tiny {found} model, not {arch}")
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    build(tmp, seed=seed, arch=arch)
+    build(tmp, seed=seed, arch=arch, kv_shape=kv_shape)
     try:
         tmp.rename(out)
     except OSError:
@@ -245,7 +277,7 @@ def ensure(out_dir: str | os.PathLike, seed: int = 0, arch: str = "llama") -> Pa
     return out
 
 
-def default_path(seed: int = 0, arch: str = "llama") -> Path:
+def default_path(seed: int = 0, arch: str = "llama", kv_shape: str | None = None) -> Path:
     """Where tests and the demo cache the model (``KVBRIDGE_CACHE`` or ~/.cache/kvbridge).
 
     ``tiny-<arch>-<recipe>-s<seed>``: the recipe part is a hash of this file, so
@@ -254,4 +286,4 @@ def default_path(seed: int = 0, arch: str = "llama") -> Path:
     _check_arch(arch)
     root = Path(os.environ.get("KVBRIDGE_CACHE", Path.home() / ".cache" / "kvbridge"))
     recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
-    return root / f"tiny-{arch}-{recipe}-s{seed}"
+    return root / f"tiny-{arch}{'-kv' + kv_shape if kv_shape else ''}-{recipe}-s{seed}"
