@@ -51,7 +51,8 @@ PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
 IOV_BATCH = 1024
 THREADS = int(os.environ.get("KVBRIDGE_CMA_THREADS", min(4, os.cpu_count() or 1)))
 PARALLEL_MIN_BYTES = 8 << 20
-#: Reads of at most this many runs build their iovecs in plain Python
+#: Reads of at most this many runs (and under PARALLEL_MIN_BYTES) build their
+#: iovecs in plain Python
 SMALL_READ_RUNS = 256
 
 
@@ -181,7 +182,9 @@ class CmaTransport(Transport):
         local block ``local_ids[i]`` (``paired_slices``); pairs adjacent on
         both sides merge into one iovec each.
         """
-        if len(local_ids) * local_sl.rows * self.layout.num_regions <= SMALL_READ_RUNS:
+        runs = len(local_ids) * local_sl.rows * self.layout.num_regions
+        if runs <= SMALL_READ_RUNS and runs * local_sl.length < PARALLEL_MIN_BYTES:
+            # (a large read of few runs still splits across threads below)
             return [self._small_batch(remote_regions, remote_block_bytes, remote_sl,
                                       remote_ids, local_sl, local_ids)]
         length = np.uint64(local_sl.length)
