@@ -73,8 +73,9 @@ def make_plan(args) -> dict:
 
 def transports_of(args) -> list[str]:
     """The kvbridge transports to run (``--quick``: the first only)."""
-    transports = [t.strip() for t in (args.transports or ("tcp" if args.quick else
-                                                           "tcp,cma,nixl")).split(",")
+    # auto (the default) is cma between two servers of one host: not run twice.
+    transports = [t.strip() for t in (args.transports or ("auto" if args.quick else
+                                                           "auto,tcp,nixl")).split(",")
                   if t.strip()]
     return transports[:1] if args.quick else transports
 

@@ -14,7 +14,8 @@ configuration's run), ``metrics`` (/metrics and log probes), ``report``
 (the figures as data) and ``render`` (tables, markdown, plot).
 
     python benchmarks/pd_compare/run.py --quick
-    python benchmarks/pd_compare/run.py --transports tcp,cma,nixl
+    python benchmarks/pd_compare/run.py --transports auto,tcp,nixl
+    python benchmarks/pd_compare/run.py --quick --kv-shape llama8b --out-name pd_compare-llama8b
 """
 
 
@@ -57,10 +58,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small request counts and one "
-                   "kvbridge transport (the first of --transports, default tcp)")
+                   "kvbridge transport (the first of --transports, default auto)")
     p.add_argument("--transports", default=None,
-                   help="kvbridge transports, comma-separated (default tcp,cma,nixl; "
-                        "with --quick: tcp)")
+                   help="kvbridge transports, comma-separated (default auto,tcp,nixl - "
+                        "auto is cma on one host; with --quick: auto)")
     p.add_argument("--num-prompts", type=int, default=None, help="requests per workload-1 "
                    "prompt length (default 10, --quick 4); workload 2 scales with it")
     p.add_argument("--out-name", default=None, help="results file stem (default pd_compare, "
@@ -82,6 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--prefill-core", type=int, default=0)
     p.add_argument("--decode-core", type=int, default=1)
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--kv-shape", choices=["llama8b"], default=None,
+                   help="serve the tiny model with a real model's KV-cache shape (llama8b: "
+                        "Llama-3-8B's 128 KiB per token, 256 MiB for a 2k prompt) instead of "
+                        "its own 2 KiB per token")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--log-dir", default=None, help="server, router and client logs "
                    "(default /tmp/kvbridge-pd-compare-<pid>)")
@@ -103,7 +108,10 @@ def main(argv=None) -> int:
 
     from kvbridge.demo import tiny_model
 
-    model = str(tiny_model.ensure(tiny_model.default_path()))
+    model = str(tiny_model.ensure(tiny_model.default_path(kv_shape=args.kv_shape),
+                                  kv_shape=args.kv_shape))
+    plan["kv_shape"] = args.kv_shape
+    plan["kv_bytes_per_token"] = tiny_model.kv_bytes_per_token(kv_shape=args.kv_shape)
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     log(f"pd_compare: {len(configs)} configurations {[c.key for c in configs]}, model {model}, "
         f"logs in {log_dir}")
