@@ -676,3 +676,27 @@ def test_auto_resolves_to_nixl_only_where_rdma_is_present(tmp_path):
     assert auto.resolve(True, ["mlx5_0"]) == "nixl"
     assert auto.resolve(False, ["mlx5_0"]) == "auto"   # no nixl installed
     assert auto.resolve(True, []) == "auto"
+
+
+@pytest.mark.skipif("cma" not in available(), reason="cma is not available here")
+@pytest.mark.parametrize("name", ["cma", "auto"])
+def test_cma_large_verified_read_digests_each_group_as_it_lands(name, producers, consumers):
+    """A verified cma read of >= 8 MiB digests groups of blocks on the threads
+    that read them (landed_digests): every block checks, in block order, and
+    a corrupted block is still caught and named."""
+    big = dict(num_blocks=48, block_size=128, kv_heads=8, head_size=128)  # 1 MiB blocks
+    prod = producers(name, cache_kw=big)
+    cons = consumers(name, **big)
+    rng = random.Random(3)
+    remote, local = rng.sample(range(48), 20), rng.sample(range(48), 20)
+    prod.publish("big", remote)
+    h = cons.pull(prod.address, "big", remote, local)
+    assert h.wait(60) == TransferState.DONE, h.error
+    assert h.nbytes == 20 << 20 and h.landed_digests is not None and len(h.landed_digests) == 20
+    assert digest(cons.cache, local) == prod.call("digest", remote)
+    assert cons.metrics()["blocks_verified"] == 20
+    flipping = consumers(name, config_kw=dict(fault_flip_byte_every=1), **big)
+    prod.publish("bad", remote)
+    h = flipping.pull(prod.address, "bad", remote, local)
+    assert h.wait(60) == TransferState.FAILED
+    assert "checksum mismatch: 1 of 20 blocks" in h.error and h.invalid_local_ids == [local[0]]

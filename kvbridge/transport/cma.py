@@ -27,6 +27,7 @@ import os
 import numpy as np
 
 from kvbridge import protocol as P
+from kvbridge.cache import checksum
 from kvbridge.cache.blocks import run_starts
 from kvbridge.cache.shard import BlockSlice, paired_slices
 from kvbridge.errors import ErrorCode
@@ -51,6 +52,11 @@ PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
 IOV_BATCH = 1024
 THREADS = int(os.environ.get("KVBRIDGE_CMA_THREADS", min(4, os.cpu_count() or 1)))
 PARALLEL_MIN_BYTES = 8 << 20
+#: A large read verified by checksums runs as groups of whole blocks of about
+#: this many bytes, each digested by the thread that read it while the other
+#: threads' reads go on (``process_vm_readv`` runs without the GIL, the digest
+#: holds it): verification hides behind the read instead of following it.
+DIGEST_GROUP_BYTES = 4 << 20
 #: Reads of at most this many runs (and under PARALLEL_MIN_BYTES) build their
 #: iovecs in plain Python
 SMALL_READ_RUNS = 256
@@ -158,10 +164,15 @@ class CmaTransport(Transport):
         except ValueError as e:
             handle._set_error(f"TP slices do not pair: {e}", ErrorCode.LAYOUT)
             return False
+        parallel = handle.nbytes >= PARALLEL_MIN_BYTES and THREADS > 1
+        if (parallel and handle.local_slice is None and handle.remote_slice is None
+                and self._verifies(grant) and len(handle.local_ids) > 1):
+            return self._read_and_digest(data, conn.remote_layout.block_bytes, remote_sl,
+                                         local_sl, handle)
         batches = self._batches(data["regions"], conn.remote_layout.block_bytes, remote_sl,
                                 handle.remote_ids, local_sl, handle.local_ids)
         try:
-            if handle.nbytes >= PARALLEL_MIN_BYTES and THREADS > 1 and len(batches) > 1:
+            if parallel and len(batches) > 1:
                 if self._pool is None:
                     self._pool = cf.ThreadPoolExecutor(THREADS, thread_name_prefix="kvb-cma")
                 list(self._pool.map(lambda b: read_remote(data["pid"], *b), batches))
@@ -172,6 +183,34 @@ class CmaTransport(Transport):
             handle._set_error(f"reading producer memory failed: {e.strerror or e}",
                               ErrorCode.TRANSFER)
             return False
+        return True
+
+    def _read_and_digest(self, data: dict, remote_block_bytes: int, remote_sl: BlockSlice,
+                         local_sl: BlockSlice, handle: TransferHandle) -> bool:
+        """Read whole blocks in groups across the pool's threads, each group
+        digested as soon as it landed (``DIGEST_GROUP_BYTES``); the digests
+        become ``handle.landed_digests`` for the verification."""
+        per_block = self.layout.block_bytes * self.layout.num_regions
+        per = max(1, DIGEST_GROUP_BYTES // per_block)
+        local_ids, remote_ids = handle.local_ids, handle.remote_ids
+        pid, regions = data["pid"], data["regions"]
+
+        def group(lo: int) -> list[int]:
+            ids = local_ids[lo:lo + per]
+            for local, remote in self._batches(regions, remote_block_bytes, remote_sl,
+                                               remote_ids[lo:lo + per], local_sl, ids):
+                read_remote(pid, local, remote)
+            return checksum.block_digests(self.cache, ids)
+
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(THREADS, thread_name_prefix="kvb-cma")
+        try:
+            digests = list(self._pool.map(group, range(0, len(local_ids), per)))
+        except OSError as e:
+            handle._set_error(f"reading producer memory failed: {e.strerror or e}",
+                              ErrorCode.TRANSFER)
+            return False
+        handle.landed_digests = [d for part in digests for d in part]
         return True
 
     def _batches(self, remote_regions, remote_block_bytes: int, remote_sl: BlockSlice,
