@@ -83,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--prefill-core", type=int, default=0)
     p.add_argument("--decode-core", type=int, default=1)
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--kvbridge-extra", type=json.loads, default=None, metavar="JSON",
+                   help="more kv_connector_extra_config for both KVBridgeConnector servers, "
+                        "e.g. '{\"step_yield_ms\": 0}'")
     p.add_argument("--kv-shape", choices=["llama8b"], default=None,
                    help="serve the tiny model with a real model's KV-cache shape (llama8b: "
                         "Llama-3-8B's 128 KiB per token, 256 MiB for a 2k prompt) instead of "

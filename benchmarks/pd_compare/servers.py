@@ -76,7 +76,8 @@ def start_stack(cfg: Config, model: str, args, log_dir: Path) -> Stack:
                 env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port())
                 env.update(nixl_tuning_env(args))
             else:
-                kv = kv_transfer_config(role, transport=cfg.transport, kv_port=free_port())
+                kv = kv_transfer_config(role, transport=cfg.transport, kv_port=free_port(),
+                                        extra=args.kvbridge_extra)
             st.servers.append(start_server(f"{name}-{cfg.key}", model, free_port(),
                                            kv_config=kv, env=env, **common))
     return st
