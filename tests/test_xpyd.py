@@ -77,6 +77,10 @@ def cluster(tiny_model_dir, tmp_path_factory, net):
     logs = tmp_path_factory.mktemp("xpyd")
     servers = []
     kv_addresses = {}  # prefill url -> its kv listener
+    # tcp, not the default auto: the "hosts" are network namespaces of one
+    # machine (one boot, one PID namespace), where auto rightly reads by cma -
+    # past the links these tests throttle and pull.
+    transport = "tcp"
     try:
         for i in range(2):
             kv_port = free_port()
@@ -85,6 +89,7 @@ def cluster(tiny_model_dir, tmp_path_factory, net):
             servers.append(start_server(
                 f"prefill{i}", tiny_model_dir, free_port(), cpu_core=i, log_dir=logs,
                 served_name=MODEL, kv_config=kv_transfer_config("kv_producer", kv_port=kv_port,
+                                                                transport=transport,
                                                                 extra=bind), **where))
             kv_addresses[servers[-1].url] = f"{where.get('host', '127.0.0.1')}:{kv_port}"
         for i in range(2):
@@ -92,6 +97,7 @@ def cluster(tiny_model_dir, tmp_path_factory, net):
                 f"decode{i}", tiny_model_dir, free_port(), cpu_core=i, log_dir=logs,
                 served_name=MODEL, kv_config=kv_transfer_config("kv_consumer",
                                                                 kv_port=free_port(),
+                                                                transport=transport,
                                                                 extra=FAULT_TIMEOUTS),
                 **net.place("decode")))
         wait_healthy(servers, timeout_s=400)

@@ -9,6 +9,10 @@ As UCX does for NIXL, the consumer picks per producer:
 * **tcp** otherwise (another host, a container boundary, ptrace refused, or a
   producer that serves only tcp).
 
+Network namespaces alone do not make another host: two processes of one
+machine in different network namespaces but one PID namespace read each other
+by cma, past any link between the namespaces (set ``tcp`` to test a link).
+
 It asks for cma first; the producer refuses a consumer of another host (code
 ``backend``), and the consumer's one-byte probe read finds a refused ptrace:
 either way it connects again asking for tcp, once per producer, and logs why.
