@@ -34,7 +34,7 @@ import socket
 
 from kvbridge import protocol as P
 from kvbridge.cache.shard import BlockSlice
-from kvbridge.errors import ErrorCode, KVBridgeError
+from kvbridge.errors import ErrorCode, KVBridgeError, TransferError
 from kvbridge.transport.cma import CmaTransport
 from kvbridge.transport.base import Transport
 from kvbridge.transport.handle import TransferHandle
@@ -113,10 +113,9 @@ class AutoTransport(CmaTransport):
     def _client_handshake_once(self, conn: PeerConnection, deadline: float) -> None:
         try:
             return super()._client_handshake_once(conn, deadline)
-        except (KVBridgeError, ValueError, PermissionError) as e:
-            refused = isinstance(e, KVBridgeError) and e.code == ErrorCode.BACKEND
-            probe_failed = not isinstance(e, KVBridgeError)  # _connect_data: not readable
-            if conn.medium != "cma" or not (refused or probe_failed):
+        except KVBridgeError as e:
+            # BACKEND: the producer refused cma, or our probe read failed.
+            if conn.medium != "cma" or e.code != ErrorCode.BACKEND:
                 raise
             reason = e
         if conn.sock is not None:
@@ -128,7 +127,12 @@ class AutoTransport(CmaTransport):
         return super()._client_handshake_once(conn, deadline)
 
     def _connect_data(self, conn: PeerConnection):
-        return super()._connect_data(conn) if conn.medium == "cma" else None
+        if conn.medium != "cma":
+            return None
+        try:
+            return super()._connect_data(conn)
+        except (ValueError, PermissionError) as e:  # not this host, or ptrace refused
+            raise TransferError(str(e), ErrorCode.BACKEND) from e
 
     def _receive_pull(self, conn: PeerConnection, handle: TransferHandle,
                       grant: P.PullGrant) -> bool:
