@@ -167,6 +167,7 @@ class KVAgent:
     def pull_sharded(self, addresses: Sequence[str], request_id: str,
                      remote_block_ids: Sequence[int], local_block_ids: Sequence[int], *,
                      instance_ids: Sequence[str | None] | None = None,
+                     positions: bool = False, final: bool = True,
                      ) -> list[TransferHandle]:
         """Pull a request published by every rank of a tensor-parallel
         producer (``addresses[r]`` is its rank ``r``) into this rank's blocks,
@@ -174,7 +175,8 @@ class KVAgent:
         gives (this rank's heads, from one rank or several), started at once
         so they run in parallel. Producer ranks no consumer rank needs (head
         replicas) are told to free the request now. The request is loaded when
-        every returned handle is DONE; if one fails, cancel the others."""
+        every returned handle is DONE; if one fails, cancel the others.
+        ``positions``/``final``: a chunk of a streamed request (``Transport.pull``)."""
         plan = plan_reads(self.cache.layout, len(addresses))
         handles = []
         for read in plan:
@@ -183,8 +185,9 @@ class KVAgent:
             handles.append(self.transport.pull(
                 addresses[read.remote_rank], request_id, remote_block_ids, local_block_ids,
                 producer_instance=instance, remote_slice=read.remote_slice,
-                local_slice=read.local_slice, readers=read.readers))
-        for rank in unread_ranks(self.cache.layout, len(addresses)):
+                local_slice=read.local_slice, readers=read.readers, positions=positions,
+                final=final))
+        for rank in unread_ranks(self.cache.layout, len(addresses)) if final else ():
             self.transport.release_remote(addresses[rank], request_id, "head replica not read")
         return handles
 
@@ -194,6 +197,13 @@ class KVAgent:
         ranks = [r.remote_rank for r in plan_reads(self.cache.layout, len(addresses))]
         ranks += unread_ranks(self.cache.layout, len(addresses))
         return [addresses[r] for r in sorted(set(ranks))]
+
+    def publish_progress(self, request_id: str, block_ids: Sequence[int], *,
+                         complete: bool) -> bool:
+        """Streaming: hold the blocks of a request still in prefill computed
+        so far (``Transport.publish_progress``); consumers read them by
+        position as they come."""
+        return self.transport.publish_progress(request_id, block_ids, complete=complete)
 
     def release_remote(self, peer: str, request_id: str, reason: str = "") -> None:
         """Tell the producer at ``peer`` this consumer will not read

@@ -143,6 +143,14 @@ class Pull(msgspec.Struct, tag=True):
     slice: list[int] | None = None
     #: consumer ranks reading this request from this producer rank
     readers: int = 1
+    #: ``block_ids`` are positions in the request's block list (a streamed
+    #: request, whose block ids the consumer never learns); blocks not
+    #: computed yet are granted once they are (only to a producer whose
+    #: ``HandshakeAccept.info`` says ``positions``)
+    positions: bool = False
+    #: this reader's last pull of the request: only its ReadDone lets the
+    #: blocks go (a streamed request is read in several pulls)
+    final: bool = True
 
 
 class PullGrant(msgspec.Struct, tag=True):
@@ -152,6 +160,9 @@ class PullGrant(msgspec.Struct, tag=True):
     nbytes: int
     #: one digest per granted block, in pull order; empty: not checksummed
     checksums: list[int] = []
+    #: a positional pull's blocks, resolved: the producer's block ids, which
+    #: a consumer that reads the producer's memory itself (cma, nixl) reads
+    block_ids: list[int] | None = None
 
 
 class PullError(msgspec.Struct, tag=True):

@@ -92,6 +92,9 @@ class Transport(ProducerSide, ConsumerSide):
         #: the publish
         self.before_publish: Callable[[list[int]], None] | None = None
         self._publish_lock = threading.Lock()
+        #: producer: wake pipes (read end -> write end) of connections with
+        #: parked pulls, written whenever ``publish_progress`` adds blocks
+        self._parked_wakes: dict[int, int] = {}
         #: consumer: called with a pull's local block ids once its bytes landed,
         #: before the handle is DONE (e.g. ``HostMirror.to_device``); raising
         #: fails the pull

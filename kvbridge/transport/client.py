@@ -41,7 +41,8 @@ class ConsumerSide(PeerLinks):
              local_block_ids: Sequence[int], *,
              producer_instance: str | None = None,
              remote_slice: BlockSlice | None = None, local_slice: BlockSlice | None = None,
-             readers: int = 1) -> TransferHandle:
+             readers: int = 1, positions: bool = False, final: bool = True,
+             ) -> TransferHandle:
         """Start reading ``remote_block_ids`` of ``request_id`` on ``peer`` into
         ``local_block_ids`` here. Never blocks on the network.
 
@@ -53,7 +54,14 @@ class ConsumerSide(PeerLinks):
         ``remote_slice`` reads only those bytes of each remote block,
         ``local_slice`` writes only those bytes of each local block, and
         ``readers`` tells the producer how many consumer ranks read this
-        request from it (it holds the blocks until all have)."""
+        request from it (it holds the blocks until all have).
+
+        Streaming (``Transport.publish_progress`` on the producer):
+        ``positions`` - ``remote_block_ids`` are positions in the request's
+        block list; the producer grants the pull once those blocks are
+        computed, so a consumer may ask before prefill ends. ``final`` - this
+        is this reader's last pull of the request (False for the earlier
+        chunks): only its completion lets the producer free the blocks."""
         local = self.cache.validate(local_block_ids, what="local block ids")
         if local_slice is not None:
             local_slice.check(self.layout.block_bytes)
@@ -68,6 +76,7 @@ class ConsumerSide(PeerLinks):
                                 self.cache.staging_bytes(len(local), local_slice),
                                 remote_slice, local_slice, max(1, int(readers)))
         handle.producer_instance = producer_instance
+        handle.positions, handle.final = bool(positions), bool(final)
         handle._cancel_cb = self._on_cancel
         handle._on_finish = self.progress.set
         conn = self._peer(peer)
@@ -106,6 +115,11 @@ class ConsumerSide(PeerLinks):
             return
         if handle.state.finished:  # cancelled while connecting
             return
+        if handle.positions and not conn.remote_info.get("positions"):
+            self._fail(handle, f"the producer at {conn.address} cannot serve reads by block "
+                               "position (streaming): it runs an older kvbridge",
+                       ErrorCode.PROTOCOL)
+            return
         remote_bytes = (handle.remote_slice.nbytes() if handle.remote_slice is not None
                         else conn.remote_layout.block_bytes if conn.remote_layout else None)
         local_bytes = handle.nbytes // max(1, len(handle.local_ids) * self.layout.num_regions)
@@ -133,7 +147,8 @@ class ConsumerSide(PeerLinks):
     def _pull_message(handle: TransferHandle) -> P.Pull:
         sl = handle.remote_slice
         return P.Pull(handle.xfer_id, handle.request_id, handle.remote_ids,
-                      None if sl is None else [sl.offset, sl.length, sl.rows], handle.readers)
+                      None if sl is None else [sl.offset, sl.length, sl.rows], handle.readers,
+                      handle.positions, handle.final)
 
     def _resend(self, conn: PeerConnection, handle: TransferHandle) -> None:
         with conn.send_lock:
@@ -185,6 +200,13 @@ class ConsumerSide(PeerLinks):
                         continue
                     receiving = handle
                     handle._mark("granted")
+                    if handle.positions:
+                        if (msg.block_ids is None
+                                or len(msg.block_ids) != len(handle.remote_ids)):
+                            raise P.ProtocolError(f"grant of positional pull {msg.xfer_id} "
+                                                  "does not name its blocks")
+                        # From here the producer's own block ids (cma, nixl read them).
+                        handle.remote_ids = [int(b) for b in msg.block_ids]
                     ok = self._receive_pull(conn, handle, msg)
                     handle._mark("landed")
                     self._finish_read(conn, handle, ok, msg)
@@ -213,18 +235,27 @@ class ConsumerSide(PeerLinks):
                 self._fail(receiving, reason, code)
 
     def _check_stalled(self, conn: PeerConnection) -> None:
-        if conn.inflight:
-            oldest = conn.inflight[0]
-            since = oldest.started or oldest.created
-            if time.monotonic() - since > self.config.transfer_timeout_s:
+        now = time.monotonic()
+        for handle in list(conn.inflight):
+            # A positional pull waits at the producer for blocks still being
+            # computed, which refuses it after transfer_timeout_s itself.
+            limit = self.config.transfer_timeout_s * (2 if handle.positions else 1)
+            if now - (handle.started or handle.created) > limit:
                 raise TransferError(f"no progress for {self.config.transfer_timeout_s:.0f} s "
                                     "(producer hung?)", ErrorCode.TIMEOUT)
 
     def _pop_inflight(self, conn: PeerConnection, xfer_id: int) -> TransferHandle:
         with conn.send_lock:
-            if not conn.inflight or conn.inflight[0].xfer_id != xfer_id:
-                raise P.ProtocolError(f"reply for unknown transfer {xfer_id}")
-            return conn.inflight.popleft()
+            if conn.inflight and conn.inflight[0].xfer_id == xfer_id:
+                return conn.inflight.popleft()
+            # Out of order: a positional pull parked at the producer is
+            # answered after pulls sent later.
+            if any(h.positions for h in conn.inflight):
+                for handle in conn.inflight:
+                    if handle.xfer_id == xfer_id:
+                        conn.inflight.remove(handle)
+                        return handle
+            raise P.ProtocolError(f"reply for unknown transfer {xfer_id}")
 
     def _finish_read(self, conn: PeerConnection, handle: TransferHandle, ok: bool,
                      grant: P.PullGrant) -> None:
@@ -363,4 +394,8 @@ class ConsumerSide(PeerLinks):
             self._fail(h, reason, code)
 
     def _on_cancel(self, handle: TransferHandle) -> None:
-        """Default: a transfer mid-flight finishes into scratch space (see backends)."""
+        """A transfer mid-flight finishes into scratch space (see backends).
+        A positional pull may be parked at the producer until prefill
+        computes its blocks: hand the request back, so it is refused now."""
+        if handle.positions:
+            self.release_remote(handle.peer, handle.request_id, "cancelled")

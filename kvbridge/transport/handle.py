@@ -71,6 +71,10 @@ class TransferHandle:
         #: the producer process this pull is meant for (``Transport.instance_id``
         #: there): a restarted producer fails the pull at once
         self.producer_instance: str | None = None
+        #: a read by block position of a streamed request, and whether it is
+        #: its reader's last (``Transport.pull``)
+        self.positions = False
+        self.final = True
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._cancel_cb = None

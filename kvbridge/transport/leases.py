@@ -30,6 +30,9 @@ class _Lease:
     reads_done: int = 0
     #: block id -> digest (``kvbridge.cache.checksum``), None when not checksummed
     digests: dict[int, int] | None = None
+    #: False while a streamed request (``advance``) may still grow: a
+    #: positional read past its end waits instead of failing
+    complete: bool = True
 
 
 class LeaseTable:
@@ -71,6 +74,67 @@ class LeaseTable:
                 digests=None if digests is None else dict(zip(block_ids, digests)))
             return True
 
+    def advance(self, request_id: str, block_ids: Sequence[int], complete: bool,
+                lease_s: float | None = None, digests: Sequence[int] | None = None) -> bool:
+        """Hold the blocks of a request still being computed (streaming):
+        ``block_ids`` are every block ready so far, in request order, and
+        extend what an earlier call held; ``complete`` says no more will come.
+        ``digests``: of the blocks this call adds. False (nothing changes) if
+        the request has ended - a consumer released it, or it was read."""
+        with self._lock:
+            held = self._leases.get(request_id)
+            if held is None:
+                if request_id in self._ended:
+                    return False
+                held = self._leases[request_id] = _Lease(
+                    request_id, [], time.monotonic() + (lease_s or self.lease_s),
+                    digests=None if digests is None else {}, complete=False)
+            n = len(held.block_ids)
+            if list(block_ids[:n]) != held.block_ids:
+                raise ValueError(f"request {request_id!r} is already published with other "
+                                 "blocks")
+            added = list(block_ids[n:])
+            if held.digests is not None and digests is not None:
+                held.digests.update(zip(added, digests))
+            held.block_ids.extend(added)
+            held.complete = held.complete or complete
+            # A streamed lease waits for its consumer from its last block on.
+            held.expires = time.monotonic() + (lease_s or self.lease_s)
+            return True
+
+    def begin_positional_read(self, request_id: str, positions: Sequence[int],
+                              readers: int = 1) -> tuple[list[int], list[int]]:
+        """``begin_read`` by position in the request's block list (a consumer
+        that reads a streamed request does not know the producer's block ids).
+        Returns (block ids, digests). Raises ``UnknownRequestError``
+        ``not_published`` while the request, or a position asked, is not held
+        yet but may still be; ``BlockIdError`` for a position past the end of
+        a complete request."""
+        with self._lock:
+            lease = self._leases.get(request_id)
+            if lease is None:
+                ended = self._ended.get(request_id)
+                if ended:
+                    raise UnknownRequestError(
+                        f"unknown request id {request_id!r}: its blocks were already {ended}",
+                        "ended")
+                raise UnknownRequestError(f"request {request_id!r} is not published yet",
+                                          "not_published")
+            n = len(lease.block_ids)
+            if len(set(positions)) != len(positions):
+                raise BlockIdError(f"duplicate block positions in a read of {request_id!r}")
+            bad = [p for p in positions if p < 0 or (lease.complete and p >= n)]
+            if bad:
+                raise BlockIdError(f"block positions {bad[:8]} are outside request "
+                                   f"{request_id!r}, which has {n} blocks")
+            if any(p >= n for p in positions):
+                raise UnknownRequestError(f"blocks of request {request_id!r} are not "
+                                          f"computed yet ({n} are)", "not_published")
+            ids = [lease.block_ids[p] for p in positions]
+            lease.readers += 1
+            lease.reads_expected = max(lease.reads_expected, readers)
+            return ids, ([lease.digests[b] for b in ids] if lease.digests is not None else [])
+
     def refuse(self, request_id: str) -> bool:
         """A publish of ``request_id`` failed before it was held: report it
         released (``"refused"``) so the engine frees its blocks, and tell a
@@ -111,12 +175,17 @@ class LeaseTable:
             lease.reads_expected = max(lease.reads_expected, readers)
             return [lease.digests[b] for b in block_ids] if lease.digests is not None else []
 
-    def end_read(self, request_id: str, ok: bool) -> None:
+    def end_read(self, request_id: str, ok: bool, counts: bool = True) -> None:
+        """A granted read ended. ``counts``: False for a read of part of a
+        request (a streamed one, read in chunks): only the reader's last
+        counts toward letting the blocks go."""
         with self._lock:
             lease = self._leases.get(request_id)
             if lease is None:
                 return
             lease.readers = max(0, lease.readers - 1)
+            if ok and not counts:
+                return
             if ok:
                 lease.reads_done += 1
                 if lease.reads_done >= lease.reads_expected:
@@ -124,10 +193,17 @@ class LeaseTable:
             elif lease.readers == 0 and time.monotonic() >= lease.expires:
                 self._release_locked(request_id, "expired")
 
-    def release(self, request_id: str) -> bool:
-        """The engine lets go (abort, or it is done); True if it was held."""
+    def release(self, request_id: str, before_publish: bool = False) -> bool:
+        """The engine lets go (abort, or it is done); True if it was held.
+
+        ``before_publish``: a consumer's hand-back may come before a streamed
+        request was published (decode gave up while prefill still ran): the
+        request is then ended unpublished, so its later publish is refused and
+        reported released instead of held until the lease runs out."""
         with self._lock:
             if request_id not in self._leases:
+                if before_publish and request_id not in self._ended:
+                    self._release_locked(request_id, "released")
                 return False
             self._release_locked(request_id, "released")
             return True

@@ -8,6 +8,8 @@ sets up (``config``, ``leases``, ``stats``...) and calls its backend hooks."""
 from __future__ import annotations
 
 import logging
+import os
+import select
 import socket
 import struct
 import threading
@@ -45,6 +47,14 @@ class ServerConn:
     refused: bool = False
     #: what the consumer asked this producer to move its bytes by ("tcp"...)
     medium: str = ""
+    #: positional pulls of blocks not computed yet (a streamed request):
+    #: (Pull, deadline), each granted once ``publish_progress`` added its blocks
+    parked: list = field(default_factory=list)
+    #: granted reads of part of a request (not its reader's last): their
+    #: ReadDone does not let the blocks go
+    partial: set = field(default_factory=set)
+    #: read end of a pipe ``publish_progress`` writes to while pulls are parked
+    wake: int | None = None
 
 
 class ProducerSide:
@@ -92,6 +102,34 @@ class ProducerSide:
                        if self.config.checksum and checksum.supported(self.cache) else None)
             return self.leases.publish(request_id, ids, lease_s, digests)
 
+    def publish_progress(self, request_id: str, block_ids: Sequence[int], *,
+                         complete: bool, lease_s: float | None = None) -> bool:
+        """Streaming: hold the blocks of ``request_id`` computed so far (every
+        one, in request order; each call extends the last) while its prefill
+        still runs; ``complete`` once the last block is in. Consumers read it
+        by position (``pull(..., positions=True)``): a pull of blocks not in
+        yet waits at this producer and is granted the moment they are. False
+        if the request has ended (a consumer gave it up)."""
+        ids = self.cache.validate(block_ids)
+        with self._publish_lock:
+            held = self.leases.held().get(request_id, [])
+            new = ids[len(held):]
+            if new and self.before_publish is not None:
+                self.before_publish(new)
+            digests = (checksum.block_digests(self.cache, new)
+                       if self.config.checksum and checksum.supported(self.cache) else None)
+            ok = self.leases.advance(request_id, ids, complete, lease_s, digests)
+        if ok and new:
+            self._wake_parked()
+        return ok
+
+    def _wake_parked(self) -> None:
+        for fd in list(self._parked_wakes.values()):
+            try:
+                os.write(fd, b"x")
+            except OSError:
+                pass  # full (a wake is pending anyway) or closed
+
     def release(self, request_id: str) -> bool:
         """Stop holding a request's blocks (abort); True if they were held."""
         return self.leases.release(request_id)
@@ -133,6 +171,8 @@ class ProducerSide:
                             struct.pack("ll", int(self.config.transfer_timeout_s), 0))
             frames = P.FrameReader(conn)
             while not self._closing.is_set():
+                if state.parked and not frames.buffered and not self._wait_parked(conn, state):
+                    continue
                 msg = frames.recv_message()
                 if isinstance(msg, P.Release):
                     self._handle_release(msg, peer)
@@ -154,7 +194,9 @@ class ProducerSide:
                     if request_id is None:
                         raise P.ProtocolError(f"ReadDone for transfer {msg.xfer_id}, which "
                                               "was never granted")
-                    self.leases.end_read(request_id, msg.ok)
+                    partial = msg.xfer_id in state.partial
+                    state.partial.discard(msg.xfer_id)
+                    self.leases.end_read(request_id, msg.ok, counts=not partial)
                     self._on_read_done(msg, state)
                 else:
                     raise P.ProtocolError(f"unexpected {type(msg).__name__} after handshake")
@@ -176,6 +218,7 @@ class ProducerSide:
             for request_id in state.granted.values():
                 self.leases.end_read(request_id, ok=False)
             self._server_conns.discard(conn)
+            self._unpark_all(state)
             self._server_conn_closed(state)
             conn.close()
 
@@ -233,12 +276,17 @@ class ProducerSide:
         P.send_message(conn, P.HandshakeAccept(self.layout, P.mac(self.secret, b"server",
                                                                    hello.nonce, nonce),
                                                {**self._server_info(),
-                                                "instance": self.instance_id}))
+                                                "instance": self.instance_id,
+                                                # reads by block position, parked
+                                                # until computed (streaming)
+                                                "positions": True}))
         return True
 
     def _handle_release(self, msg: P.Release, peer: str) -> None:
         self.stats.releases_received += 1
-        if self.leases.release(msg.request_id):
+        # Parked pulls of it (any connection) are refused at once, not at their deadline.
+        self._wake_parked()
+        if self.leases.release(msg.request_id, before_publish=True):
             logger.info("kvbridge: consumer %s released request %s unread (%s)", peer,
                         msg.request_id, msg.reason or "no reason given")
 
@@ -260,12 +308,55 @@ class ProducerSide:
         self.refusals.append(reason)
         logger.error("kvbridge: refusing consumer %s: %s", peer, reason)
 
-    def _handle_pull(self, conn: socket.socket, pull: P.Pull, state: ServerConn) -> bool:
-        """Grant (True) or refuse (False) one pull."""
-        if pull.xfer_id in state.granted:
+    # -- positional pulls of a streamed request, parked until computed --
+    def _park(self, state: ServerConn, pull: P.Pull) -> None:
+        if state.wake is None:
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            state.wake = r
+            self._parked_wakes[r] = w
+        state.parked.append((pull, time.monotonic() + self.config.transfer_timeout_s))
+
+    def _wait_parked(self, conn: socket.socket, state: ServerConn) -> bool:
+        """Wait for the consumer's next message or for blocks a parked pull
+        needs (``publish_progress`` wakes this), then grant each parked pull
+        whose blocks are in; True when a message waits to be read. A pull parked past
+        ``transfer_timeout_s`` is refused."""
+        assert state.wake is not None
+        readable, _, _ = select.select([conn, state.wake], [], [], 0.5)
+        if state.wake in readable:
+            os.read(state.wake, 4096)
+        still = []
+        for pull, deadline in state.parked:
+            if self._handle_pull(conn, pull, state, park=False) is None:
+                if time.monotonic() < deadline:
+                    still.append((pull, deadline))
+                    continue
+                P.send_message(conn, P.PullError(
+                    pull.xfer_id, f"request {pull.request_id!r}: blocks not computed within "
+                    f"{self.config.transfer_timeout_s:.0f} s", "timeout"))
+        state.parked = still
+        if not still:
+            self._unpark_all(state)
+        return conn in readable
+
+    def _unpark_all(self, state: ServerConn) -> None:
+        state.parked = []
+        if state.wake is not None:
+            w = self._parked_wakes.pop(state.wake, None)
+            for fd in (state.wake, w):
+                if fd is not None:
+                    os.close(fd)
+            state.wake = None
+
+    def _handle_pull(self, conn: socket.socket, pull: P.Pull, state: ServerConn, *,
+                     park: bool = True) -> bool | None:
+        """Grant (True) or refuse (False) one pull; None: parked, or (``park``
+        False) its blocks are still not computed."""
+        if pull.xfer_id in state.granted or (park and any(
+                p.xfer_id == pull.xfer_id for p, _ in state.parked)):
             raise P.ProtocolError(f"transfer id {pull.xfer_id} is already in flight")
         try:
-            ids = self.cache.validate(pull.block_ids)
             sl = None
             if pull.slice is not None:
                 try:
@@ -275,8 +366,17 @@ class ProducerSide:
                     raise BlockIdError(f"bad block slice {pull.slice}: {e}") from None
                 if sl.is_whole(self.layout.block_bytes):
                     sl = None
-            digests = self.leases.begin_read(pull.request_id, ids, max(1, pull.readers))
+            if pull.positions:
+                ids, digests = self.leases.begin_positional_read(
+                    pull.request_id, [int(b) for b in pull.block_ids], max(1, pull.readers))
+            else:
+                ids = self.cache.validate(pull.block_ids)
+                digests = self.leases.begin_read(pull.request_id, ids, max(1, pull.readers))
         except UnknownRequestError as e:
+            if pull.positions and e.code == "not_published":
+                if park:
+                    self._park(state, pull)
+                return None
             if e.code != "not_published":
                 logger.warning("kvbridge: refusing pull %d: %s", pull.xfer_id, e.args[0])
             P.send_message(conn, P.PullError(pull.xfer_id, e.args[0], e.code))
@@ -287,10 +387,13 @@ class ProducerSide:
             return False
         self.stats.pulls_served += 1
         state.granted[pull.xfer_id] = pull.request_id
+        if not pull.final:
+            state.partial.add(pull.xfer_id)
         if sl is not None and digests:
             # Published digests cover whole blocks: digest the slice sent.
             digests = checksum.block_digests(self.cache, ids, sl)
-        grant = P.PullGrant(pull.xfer_id, self.cache.staging_bytes(len(ids), sl), digests)
+        grant = P.PullGrant(pull.xfer_id, self.cache.staging_bytes(len(ids), sl), digests,
+                            ids if pull.positions else None)
         self._send_pull(conn, grant, ids, state, sl)
         return True
 

@@ -3,6 +3,7 @@
 
 Commands (tuples) and replies:
   ("publish", request_id, block_ids, lease_s)  -> None | error string
+  ("progress", request_id, block_ids, complete) -> bool (publish_progress)
   ("release", request_id)                      -> bool (was it held)
   ("poll",)                                    -> [(request_id, reason), ...]
   ("metrics",)                                 -> dict
@@ -90,8 +91,11 @@ def producer_main(pipe, backend: str, cache_kw: dict, config_kw: dict, env: dict
         except Exception as e:  # noqa: BLE001 - the test asserts on the message
             return str(e)
 
+    def progress(rid, ids, complete):
+        return transport.publish_progress(rid, ids, complete=complete)
+
     _serve(pipe, cache, transport, {
-        "publish": publish, "release": transport.release, "poll": transport.poll_released,
+        "publish": publish, "progress": progress, "release": transport.release, "poll": transport.poll_released,
         "metrics": transport.metrics, "held": transport.leases.held})
 
 
