@@ -30,6 +30,8 @@ class Config:
     label: str
     kind: str       # colocated | nixl | kvbridge
     transport: str | None = None
+    #: kvbridge: "pull" or "stream" (``kvbridge proxy --kv-mode``)
+    kv_mode: str = "pull"
 
 
 
@@ -93,6 +95,12 @@ def make_configs(args) -> list[Config]:
     if "kvbridge" in wanted:
         configs += [Config(f"kvbridge-{t}", f"P/D, KVBridgeConnector ({t}) + kvbridge proxy",
                            "kvbridge", t) for t in transports_of(args)]
+    if "kvbridge-stream" in wanted:
+        t = transports_of(args)[0]
+        configs.append(Config(f"kvbridge-stream-{t}", f"P/D, KVBridgeConnector ({t}), KV "
+                              f"streamed while prefill runs (prefill chunks of "
+                              f"{args.stream_chunk_tokens} tokens) + kvbridge proxy "
+                              "--kv-mode stream", "kvbridge", t, kv_mode="stream"))
     return configs
 
 

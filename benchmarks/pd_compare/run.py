@@ -66,8 +66,12 @@ def parse_args(argv=None):
                    "prompt length (default 10, --quick 4); workload 2 scales with it")
     p.add_argument("--out-name", default=None, help="results file stem (default pd_compare, "
                    "--quick: pd_compare-quick)")
-    p.add_argument("--configs", default="colocated,vllm-nixl,kvbridge",
-                   help="which of colocated, vllm-nixl, kvbridge to run")
+    p.add_argument("--configs", default="colocated,vllm-nixl,kvbridge,kvbridge-stream",
+                   help="which of colocated, vllm-nixl, kvbridge (pull), kvbridge-stream "
+                        "(KV streamed while prefill runs, first transport) to run")
+    p.add_argument("--stream-chunk-tokens", type=int, default=512,
+                   help="kvbridge-stream: the prefill instance's --max-num-batched-tokens, "
+                        "so it computes (and publishes) a long prompt in chunks [512]")
     p.add_argument("--nixl-progress-thread", choices=["delay", "stock", "off"],
                    default="delay",
                    help="NIXL agents of vLLM's NixlConnector: 'delay' (default: NIXL's "

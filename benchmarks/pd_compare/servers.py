@@ -78,8 +78,13 @@ def start_stack(cfg: Config, model: str, args, log_dir: Path) -> Stack:
             else:
                 kv = kv_transfer_config(role, transport=cfg.transport, kv_port=free_port(),
                                         extra=args.kvbridge_extra)
+            opts = dict(common)
+            if cfg.kv_mode == "stream" and name == "prefill":
+                # Chunked prefill: each chunk's blocks are read while the next computes.
+                opts["extra_args"] = SERVER_ARGS + ["--max-num-batched-tokens",
+                                                    str(args.stream_chunk_tokens)]
             st.servers.append(start_server(f"{name}-{cfg.key}", model, free_port(),
-                                           kv_config=kv, env=env, **common))
+                                           kv_config=kv, env=env, **opts))
     return st
 
 
@@ -99,7 +104,7 @@ def start_proxy(st: Stack, log_dir: Path) -> None:
     exe = Path(sys.executable).parent / "kvbridge"
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else
            ["-m", "kvbridge.cli"]), "proxy", "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning"]
+           "--log-level", "warning", "--kv-mode", st.cfg.kv_mode]
     for s in st.servers:
         cmd += ["--prefill" if s.name.startswith("prefill") else "--decode", s.url]
     st.proxy_log = log_dir / f"proxy-{st.cfg.key}-{port}.log"

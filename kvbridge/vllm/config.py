@@ -41,6 +41,9 @@ key                    meaning                                         default
                        finish (returning the moment one does) instead
                        of spinning through empty steps (see below);
                        0 turns it off
+``stream_chunk_blocks`` consumer, streamed requests (``kvbridge       4
+                       proxy --kv-mode stream``): blocks per pull; each
+                       is granted once prefill computed its blocks
 =====================  ==============================================  ===========
 
 Why ``step_yield_ms``: vLLM's multiprocess workers wait for the next step in
@@ -89,7 +92,7 @@ from kvbridge.transport import TransportConfig, transport_class
 _KNOWN = {"transport", "host", "advertise_host", "port", "lease_s", "secret",
           "transfer_timeout_s", "handshake_timeout_s", "publish_wait_s", "host_staging",
           "checksum", "fault_flip_byte_every", "step_yield_ms",
-          "idle_wait_ms"}
+          "idle_wait_ms", "stream_chunk_blocks"}
 
 
 def _flag(value, key: str) -> bool:
@@ -114,6 +117,8 @@ class KVBridgeConfig:
     step_yield_s: float = 0.002
     #: longest wait of a step that computes nothing while transfers are in flight
     idle_wait_s: float = 0.020
+    #: consumer: blocks per pull of a streamed request
+    stream_chunk_blocks: int = 4
 
     @property
     def is_producer(self) -> bool:
@@ -156,9 +161,13 @@ class KVBridgeConfig:
                              f"false, got {extra.get('host_staging')!r}")
         step_yield_ms = _milliseconds(extra, "step_yield_ms", 2.0)
         idle_wait_ms = _milliseconds(extra, "idle_wait_ms", 20.0)
+        chunk = extra.get("stream_chunk_blocks", 4)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"kv_connector_extra_config.stream_chunk_blocks must be a positive "
+                             f"integer, got {chunk!r}")
         return cls(role=role, transport=transport, base_port=int(extra.get("port", ktc.kv_port)),
                    transport_config=tc, host_staging=staging, step_yield_s=step_yield_ms / 1e3,
-                   idle_wait_s=idle_wait_ms / 1e3)
+                   idle_wait_s=idle_wait_ms / 1e3, stream_chunk_blocks=chunk)
 
 
 def _milliseconds(extra: dict, key: str, default: float) -> float:

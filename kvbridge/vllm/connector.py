@@ -179,7 +179,9 @@ class KVBridgeConnector(KVConnectorBase_V1, SupportsHMA):
         return
 
     def wait_for_save(self) -> None:
-        return
+        # Streamed requests: publish what this step's forward pass computed.
+        if self.connector_worker is not None:
+            self.connector_worker.wait_for_save()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None,
                                                                 set[str] | None]:

@@ -35,6 +35,9 @@ class RecvSpec:
     layout_fingerprint: str | None = None
     instance_ids: list[str] | None = None
     missing_local_ids: list[int] = field(default_factory=list)
+    #: a streamed request: ``remote_block_ids`` are positions in the
+    #: producer's block list, read in chunks as its prefill computes them
+    positions: bool = False
 
 
 @dataclass
@@ -57,6 +60,23 @@ class SendSpec:
 
     block_ids: list[int]
     num_tokens: int | None
+    #: the lease consumers read it under: the stream id of a streamed
+    #: request (published step by step, ``StreamSpec``), else None (the
+    #: request id; the scheduler published it)
+    stream_id: str | None = None
+    #: a streamed request vLLM aborted: its lease is let go now
+    aborted: bool = False
+
+
+@dataclass
+class StreamSpec:
+    """A producer-side streamed request in this step: once the step's forward
+    pass ran, ``block_ids`` (every block computed so far, in request order)
+    are readable under ``stream_id``; ``complete``: the prompt's last."""
+
+    stream_id: str
+    block_ids: list[int]
+    complete: bool
 
 
 @dataclass
@@ -67,6 +87,10 @@ class KVBridgeConnectorMetadata(KVConnectorMetadata):
     #: the engine computes no token this step: it steps only to poll the
     #: connector (vLLM keeps stepping while requests wait on transfers)
     idle_step: bool = False
+    #: request id -> its blocks computed once this step ran (streaming)
+    reqs_to_stream: dict[str, StreamSpec] = field(default_factory=dict)
+    #: stream ids of streamed requests aborted before they were scheduled
+    streams_to_end: list[str] = field(default_factory=list)
 
 
 @dataclass

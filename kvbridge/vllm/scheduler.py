@@ -49,6 +49,7 @@ from kvbridge.vllm.metadata import (
     ReleaseSpec,
     SendSpec,
 )
+from kvbridge.vllm.stream import STREAM_ID_KEY, STREAM_KEY, StreamTracker, tail_positions
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -85,6 +86,10 @@ class KVBridgeScheduler:
         #: with the figures (a sliding-window group moves only its window)
         self._group_blocks: dict[str, list[int]] = {}
         self._control: list[ControlClient] = []
+        #: producer: streamed requests (``kvbridge.vllm.stream``), and those
+        #: aborted before they were scheduled (their waiting consumers are refused)
+        self.streams = StreamTracker(self.block_size)
+        self._streams_to_end: list[str] = []
 
     # -- handshake metadata from the workers --
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVBridgeHandshakeMetadata]):
@@ -119,6 +124,12 @@ class KVBridgeScheduler:
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
         params = request.kv_transfer_params
+        if (self.config.is_producer and params and params.get(STREAM_ID_KEY)
+                and params.get("do_remote_decode")):
+            # Streamed: published step by step as prefill computes its blocks.
+            self.streams.add(request.request_id, str(params[STREAM_ID_KEY]),
+                             len(request.prompt_token_ids or ()))
+            return
         if not (self.config.is_consumer and is_kvbridge_params(params)
                 and params.get("do_remote_prefill")):
             return
@@ -128,6 +139,9 @@ class KVBridgeScheduler:
             # Not waiting on a load (a full local prefix hit): pull nothing,
             # but let the producer free its blocks now rather than at lease end.
             self._release(params, "served from the local prefix cache")
+            return
+        if params.get(STREAM_KEY):
+            self._recv_streamed(request, params, _unhashed_per_group(blocks))
             return
         remote_ids, local_ids, missing, per_group = pair_group_blocks(
             request.request_id, params.get("remote_block_ids") or [],
@@ -142,6 +156,29 @@ class KVBridgeScheduler:
             layout_fingerprint=params.get("layout_fingerprint"),
             instance_ids=params.get("remote_instance_ids"),
             missing_local_ids=missing)
+
+    def _recv_streamed(self, request: Request, params: dict, local: list[list[int]]) -> None:
+        """A streamed request: read the blocks not held locally by position,
+        chunk by chunk, while the producer's prefill computes them."""
+        if len(local) != 1:
+            logger.error("KVBridgeConnector: request %s is streamed, which needs one KV cache "
+                         "group (this engine has %d); every block is a load error",
+                         request.request_id, len(local))
+            ids, local_ids, missing = [], [], [b for g in local for b in g]
+        else:
+            ids = tail_positions(len(request.prompt_token_ids or ()), self.block_size,
+                                 len(local[0]))
+            # Blocks past the prompt's last (none, unless vLLM allocated ahead)
+            # have nothing to read: load errors, never garbage.
+            missing = local[0][len(ids):]
+            local_ids = local[0][:len(ids)]
+        self._reqs_to_recv[request.request_id] = RecvSpec(
+            remote_request_id=params["remote_request_id"],
+            addresses=list(params["remote_addresses"]),
+            remote_block_ids=ids, local_block_ids=local_ids,
+            layout_fingerprint=params.get("layout_fingerprint"),
+            instance_ids=params.get("remote_instance_ids"),
+            missing_local_ids=missing, positions=True)
 
     def _release(self, params: dict, reason: str) -> None:
         self._reqs_to_release.append(ReleaseSpec(params["remote_request_id"],
@@ -160,15 +197,21 @@ class KVBridgeScheduler:
         """What a router's pre-check needs (returned for ``kvbridge_describe``)."""
         return {"kvbridge": PROTOCOL_VERSION, "kv_role": self.config.role,
                 "transport": self.config.transport, "layout_fingerprint": self.layout_fingerprint,
-                "layout": self.layout, "addresses": self.addresses}
+                "layout": self.layout, "addresses": self.addresses,
+                "instance_ids": self.instance_ids,
+                # streamed requests (kvbridge.vllm.stream): one KV cache group only
+                "stream": self.num_groups == 1}
 
     # -- both --
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVBridgeConnectorMetadata:
         meta = KVBridgeConnectorMetadata(
             reqs_to_recv=self._reqs_to_recv, reqs_to_send=self._reqs_to_send,
             reqs_to_release=self._reqs_to_release,
-            idle_step=getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0)
+            idle_step=getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0,
+            reqs_to_stream=self.streams.step(scheduler_output),
+            streams_to_end=self._streams_to_end)
         self._reqs_to_recv, self._reqs_to_send, self._reqs_to_release = {}, {}, []
+        self._streams_to_end = []
         return meta
 
     # -- producer --
@@ -204,6 +247,24 @@ class KVBridgeScheduler:
             self._release(params, "aborted before its KV was loaded")
             return False, None
         if not (params.get("do_remote_decode") and self.config.is_producer):
+            return False, None
+        stream_id = self.streams.pop(request.request_id)
+        if stream_id is not None:
+            # Streamed: its blocks are published (step by step) under the stream
+            # id and may be under a consumer's read right now, finished or
+            # aborted - vLLM keeps them until the worker reports it sent.
+            finished = request.status in (RequestStatus.FINISHED_LENGTH_CAPPED,
+                                          RequestStatus.FINISHED_STOPPED)
+            self._reqs_to_send[request.request_id] = SendSpec(
+                [], None, stream_id=stream_id, aborted=not finished)
+            return True, ({"kvbridge_stream_id": stream_id,
+                           "remote_num_tokens": request.num_computed_tokens}
+                          if finished else None)
+        if params.get(STREAM_ID_KEY) and request.status not in (
+                RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            # A streamed request aborted before it was scheduled: no block was
+            # published, but a consumer may be waiting for them - end it now.
+            self._streams_to_end.append(str(params[STREAM_ID_KEY]))
             return False, None
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
                                   RequestStatus.FINISHED_STOPPED):

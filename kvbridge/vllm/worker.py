@@ -123,8 +123,13 @@ class KVBridgeWorker:
         #: consumer: requests vLLM waits on, until reported received (rules 1-3)
         self._loads: dict[str, _Load] = {}
         self._load_errors: set[int] = set()
-        #: producer: requests vLLM handed over, until reported sent (rule 4)
-        self._sending: set[str] = set()
+        #: producer: requests vLLM handed over, until reported sent (rule 4):
+        #: the lease consumers read each under (its stream id when streamed,
+        #: else its request id) -> request id
+        self._sending: dict[str, str] = {}
+        #: producer: streamed requests' blocks this step computes, published
+        #: once its forward pass ran (``wait_for_save``)
+        self._stream_step: dict = {}
         #: producer: released before this worker's step saw them (the scheduler
         #: publishes over the control connection, ahead of the step) -> reason
         self._released_early: OrderedDict[str, str] = OrderedDict()
@@ -203,7 +208,7 @@ class KVBridgeWorker:
         self.kv_unregistered = True
         self.agent.close()
         dropped = len(self._sending)
-        self._send_done |= self._sending
+        self._send_done |= set(self._sending.values())
         self._sending.clear()
         self._released_early.clear()
         logger.info("KVBridgeConnector: transport closed for sleep mode (%d loads failing, "
@@ -248,7 +253,10 @@ class KVBridgeWorker:
     def start_load_kv(self, meta: KVBridgeConnectorMetadata) -> None:
         assert self.agent is not None
         for req_id, spec in meta.reqs_to_send.items():
-            self._start_send(req_id)
+            self._start_send(req_id, spec.stream_id, spec.aborted)
+        self._stream_step = meta.reqs_to_stream
+        for stream_id in meta.streams_to_end if not self.kv_unregistered else ():
+            self.agent.transport.leases.release(stream_id, before_publish=True)
         # Asleep, nothing can be handed back: the producer's lease expires.
         for spec in meta.reqs_to_release if not self.kv_unregistered else ():
             try:
@@ -287,22 +295,46 @@ class KVBridgeWorker:
             time.sleep(self.config.step_yield_s)
 
     # -- producer (rule 4) --
-    def _start_send(self, req_id: str) -> None:
+    def wait_for_save(self) -> None:
+        """After the step's forward pass: the blocks it computed of each
+        streamed request are readable now (``kvbridge.vllm.stream``)."""
+        steps, self._stream_step = self._stream_step, {}
+        if self.kv_unregistered:
+            return
+        for req_id, spec in steps.items():
+            try:
+                self.agent.publish_progress(spec.stream_id, spec.block_ids,
+                                            complete=spec.complete)
+            except Exception as e:  # noqa: BLE001 - never the engine's failure
+                # Preempted and rescheduled on other blocks, or staging failed:
+                # its consumer must not read these blocks; it fails and recomputes.
+                logger.error("KVBridgeConnector: streamed request %s (%s) cannot be "
+                             "published: %s; its consumer's load fails", req_id,
+                             spec.stream_id, e)
+                self.agent.transport.leases.release(spec.stream_id, before_publish=True)
+
+    def _start_send(self, req_id: str, stream_id: str | None = None,
+                    aborted: bool = False) -> None:
         """vLLM handed the request over. The scheduler already published it
-        to this rank's transport (the only publish); from here the worker only
-        waits for the transport to let the blocks go."""
-        if req_id in self._sending:
+        to this rank's transport (the only publish) - or, streamed, this
+        worker did step by step; from here the worker only waits for the
+        transport to let the blocks go. A streamed request vLLM aborted is let
+        go now (a consumer reading it is refused)."""
+        lease_id = stream_id or req_id
+        if lease_id in self._sending:
             return
         self._stats.bump("num_published")
         if self.kv_unregistered:
             # The transport is closed: no consumer can read these blocks.
             self._send_done.add(req_id)
             return
-        if self._released_early.pop(req_id, None) is not None:
+        if self._released_early.pop(lease_id, None) is not None:
             # Read (or released) before this step's metadata arrived: done.
             self._send_done.add(req_id)
             return
-        self._sending.add(req_id)
+        self._sending[lease_id] = req_id
+        if aborted:
+            self.agent.transport.leases.release(lease_id, before_publish=True)
 
     def _poll_sent(self) -> set[str]:
         done, self._send_done = self._send_done, set()
@@ -312,8 +344,7 @@ class KVBridgeWorker:
             if reason == "expired":
                 self._stats.bump("num_expired_leases")
             if req_id in self._sending:
-                self._sending.discard(req_id)
-                done.add(req_id)
+                done.add(self._sending.pop(req_id))
             else:
                 self._released_early[req_id] = reason
                 while len(self._released_early) > 8192:
@@ -335,12 +366,27 @@ class KVBridgeWorker:
             # This rank's heads from whichever producer ranks hold them (any
             # two TP sizes; kvbridge.cache.shard), all pulls at once.
             load.peers = self.agent.producer_ranks(spec.addresses)
-            load.handles = self.agent.pull_sharded(spec.addresses, spec.remote_request_id,
-                                                   spec.remote_block_ids, spec.local_block_ids,
-                                                   instance_ids=spec.instance_ids)
+            if spec.positions:
+                load.handles = self._pull_streamed(spec)
+            else:
+                load.handles = self.agent.pull_sharded(
+                    spec.addresses, spec.remote_request_id, spec.remote_block_ids,
+                    spec.local_block_ids, instance_ids=spec.instance_ids)
         except Exception as e:  # noqa: BLE001 - bad ids, unpairable TP: a load error
             load.error = f"{type(e).__name__}: {e}"
             load.error_code = code_of(e)
+
+    def _pull_streamed(self, spec: RecvSpec) -> list[TransferHandle]:
+        """A streamed request: every chunk's pull at once, by position; the
+        producer grants each once its prefill computed the chunk's blocks."""
+        n, step = len(spec.local_block_ids), self.config.stream_chunk_blocks
+        handles: list[TransferHandle] = []
+        for i in range(0, n, step):
+            handles += self.agent.pull_sharded(
+                spec.addresses, spec.remote_request_id, spec.remote_block_ids[i:i + step],
+                spec.local_block_ids[i:i + step], instance_ids=spec.instance_ids,
+                positions=True, final=i + step >= n)
+        return handles
 
     def get_finished(self, finished_req_ids: set[str] | None = None,
                      ) -> tuple[set[str] | None, set[str] | None]:

@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--health-interval", type=float, default=2.0, metavar="S")
     p.add_argument("--startup-wait", type=float, default=0.0, metavar="S",
                    help="wait up to S seconds for every backend at start-up")
+    p.add_argument("--kv-mode", choices=("pull", "stream"), default="pull",
+                   help="pull: decode gets a request once prefill answered and reads its KV; "
+                   "stream: both get it at once and decode reads the KV while prefill "
+                   "computes it (prefill instances that cannot stream are pulled from)")
     p.add_argument("--log-level", default="info")
 
 
@@ -41,7 +45,7 @@ def _load_config(args: argparse.Namespace) -> None:
         path.read_text())
     args.prefill = list(args.prefill) + list(data.get("prefill", []))
     args.decode = list(args.decode) + list(data.get("decode", []))
-    for key in ("host", "port", "policy", "health_interval", "startup_wait"):
+    for key in ("host", "port", "policy", "health_interval", "startup_wait", "kv_mode"):
         if key in data:
             setattr(args, key, data[key])
 
@@ -76,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
     from kvbridge.serve.proxy.app import create_app
 
     app = create_app(args.prefill, args.decode, policy=args.policy,
-                     health_interval_s=args.health_interval)
+                     health_interval_s=args.health_interval, kv_mode=args.kv_mode)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False)
     return 0

@@ -39,6 +39,30 @@ logger = logging.getLogger("kvbridge.serve.proxy")
 PREFILL_KV_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False,
                      "remote_engine_id": None, "remote_block_ids": None, "remote_host": None,
                      "remote_port": None}
+#: How decode gets the KV (``create_app``'s ``kv_mode``).
+KV_MODES = ("pull", "stream")
+
+
+def can_stream(prefill: Backend) -> bool:
+    """A prefill instance whose KVBridgeConnector streams (one KV cache group)."""
+    d = prefill.describe or {}
+    return bool(d.get("stream") and d.get("addresses"))
+
+
+def streamed_kv_params(describe: dict, stream_id: str) -> tuple[dict, dict]:
+    """(prefill's, decode's) kv_transfer_params of one streamed request
+    (``kvbridge.vllm.stream``): prefill publishes under ``stream_id`` as it
+    computes; decode reads it by position from the addresses prefill serves on."""
+    p_params = dict(PREFILL_KV_PARAMS, kvbridge_stream_id=stream_id)
+    d_params = {"do_remote_prefill": True, "do_remote_decode": False, "kvbridge_stream": True,
+                "remote_request_id": stream_id, "remote_engine_id": None,
+                "remote_block_ids": None, "remote_addresses": list(describe["addresses"]),
+                "remote_instance_ids": describe.get("instance_ids"),
+                "layout_fingerprint": describe.get("layout_fingerprint"),
+                "transport": describe.get("transport"), "kvbridge": describe.get("kvbridge")}
+    return p_params, d_params
+
+
 #: Upper bound on max_tokens when no backend reports max_model_len.
 DEFAULT_MAX_TOKENS_LIMIT = 1 << 20
 
@@ -64,9 +88,16 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 
 def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-outstanding",
                health_interval_s: float = 2.0, startup_wait_s: float = 0.0,
-               request_timeout_s: float = 600.0) -> FastAPI:
+               request_timeout_s: float = 600.0, kv_mode: str = "pull") -> FastAPI:
+    """``kv_mode``: ``pull`` - decode gets the request once prefill answered
+    and reads its KV; ``stream`` - both get it at once and decode reads the
+    KV while prefill computes it (``kvbridge.vllm.stream``; a prefill instance
+    that cannot stream is pulled from)."""
+    if kv_mode not in KV_MODES:
+        raise ValueError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
     metrics = ProxyMetrics()
-    state: dict = {}
+    #: background prefills of streamed requests (kept referenced until done)
+    state: dict = {"prefills": set()}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -150,7 +181,14 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         kv_params = None
         mode = "disaggregated"
         tried: set[str] = set()
-        while True:
+        if kv_mode == "stream":
+            prefill = pool.pick("prefill")
+            if prefill is not None and can_stream(prefill):
+                kv_params = start_streamed_prefill(request, client, prefill, path, body,
+                                                   headers, request_id)
+                figures["X-KVBridge-Prefill-Backend"] = prefill.url
+                mode = "streamed"
+        while mode != "streamed":
             prefill = pool.pick("prefill")
             if prefill is None or prefill.url in tried:
                 mode = "fallback"
@@ -213,9 +251,39 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         return await complete_decode(request, client, decode, path, d_body, headers, kind,
                                      figures, t_arrival)
 
+    def start_streamed_prefill(request: Request, client, prefill: Backend, path: str,
+                               body: dict, headers: dict, request_id: str) -> dict:
+        """Send the prefill in the background; return decode's kv_transfer_params.
+        A failed prefill fails decode's load (its producer refuses or is gone),
+        and vLLM's kv_load_failure_policy applies there."""
+        stream_id = f"kvbs-{uuid.uuid4().hex}"
+        p_params, d_params = streamed_kv_params(prefill.describe, stream_id)
+
+        async def run() -> None:
+            try:
+                _, prefill_s = await run_prefill(request, client, prefill, path, body, headers,
+                                                 kv_params=p_params)
+                metrics.prefill_latency(prefill_s)
+            except (ClientDisconnected, ClientError) as e:
+                logger.info("kvbridge proxy: streamed prefill of %s ended: %s", request_id,
+                            getattr(e, "message", e) or type(e).__name__)
+            except (httpx.HTTPError, BackendError) as e:
+                metrics.failure("prefill_error")
+                logger.warning("kvbridge proxy: streamed prefill at %s failed for %s: %s",
+                               prefill.url, request_id, e)
+                prefill.healthy = False
+                prefill.last_error = str(e)
+                metrics.backend_changed(prefill)
+
+        task = asyncio.create_task(run())
+        state["prefills"].add(task)
+        task.add_done_callback(state["prefills"].discard)
+        return d_params
+
     async def run_prefill(request: Request, client, prefill: Backend, path: str, body: dict,
-                          headers: dict):
-        p_body = dict(body, max_tokens=1, stream=False, kv_transfer_params=dict(PREFILL_KV_PARAMS))
+                          headers: dict, kv_params: dict | None = None):
+        p_body = dict(body, max_tokens=1, stream=False,
+                      kv_transfer_params=dict(kv_params or PREFILL_KV_PARAMS))
         if "max_completion_tokens" in p_body:
             p_body["max_completion_tokens"] = 1
         for key in ("stream_options", "min_tokens"):

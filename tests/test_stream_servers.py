@@ -1,0 +1,137 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Streamed requests end to end: ``kvbridge proxy --kv-mode stream`` in front
+of real vLLM API servers with KVBridgeConnector.
+
+The proxy sends each request to prefill and decode at once; decode allocates
+its blocks and asks for the KV by position while prefill still computes it
+(the prefill server is chunked to one block per step, so its blocks are
+published over several steps), and pulls them in chunks of two blocks. The
+colocated reference is the decode server answering alone."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from helpers.procs import Proxy
+from kvbridge.serve.launch import free_port, kv_transfer_config, start_server, stop_all, wait_healthy
+
+pytestmark = pytest.mark.vllm
+MODEL = "tiny"
+#: ~520 tokens: five 128-token blocks, the last one partial
+PROMPT = ("The socket module provides access to the BSD socket interface; it is available "
+          "on all modern Unix systems, and its functions mirror the system calls. ") * 16
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    p = start_server("prefill", tiny_model_dir, free_port(), cpu_core=0, log_dir=logs,
+                     served_name=MODEL, extra_args=["--max-num-batched-tokens", "128"],
+                     kv_config=kv_transfer_config("kv_producer", kv_port=free_port()))
+    # No prefix cache on decode: its colocated reference run would hold the
+    # prompt's blocks, and the streamed run pull only the last one.
+    d = start_server("decode", tiny_model_dir, free_port(), cpu_core=1, log_dir=logs,
+                     served_name=MODEL, extra_args=["--no-enable-prefix-caching"],
+                     kv_config=kv_transfer_config(
+                         "kv_consumer", kv_port=free_port(), policy="recompute",
+                         extra={"stream_chunk_blocks": 2, "transfer_timeout_s": 4}))
+    try:
+        wait_healthy([p, d])
+        yield p, d, logs
+    finally:
+        stop_all([p, d])
+
+
+@pytest.fixture(scope="module")
+def proxy(servers):
+    p, d, logs = servers
+    px = Proxy([p.url], [d.url], "--kv-mode", "stream", log_dir=logs)
+    yield px
+    px.stop()
+
+
+def metric_sum(url: str, name: str, label: str = "") -> float:
+    total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name) and label in line and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def sources(d) -> dict:
+    return {s: metric_sum(d.url, "vllm:prompt_tokens_by_source_total", f'source="{s}"')
+            for s in ("local_compute", "external_kv_transfer")}
+
+
+def body(stream: bool = False, max_tokens: int = 16) -> dict:
+    return {"model": MODEL, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": stream}
+
+
+@pytest.fixture(scope="module")
+def colocated(servers):
+    _, d, _ = servers
+    r = httpx.post(d.url + "/v1/completions", json=body(), timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_streamed_request_is_token_identical_and_decode_computes_no_prompt_token(
+        servers, proxy, colocated):
+    p, d, _ = servers
+    before = sources(d)
+    r = httpx.post(proxy.url + "/v1/completions", json=body(), timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-kvbridge-mode"] == "streamed"
+    out = r.json()
+    assert out["choices"][0]["text"] == colocated
+    after = sources(d)
+    assert after["local_compute"] == before["local_compute"], (before, after)
+    prompt_tokens = out["usage"]["prompt_tokens"]
+    assert prompt_tokens > 4 * 128
+    assert after["external_kv_transfer"] - before["external_kv_transfer"] == prompt_tokens
+    # Every block moved, in chunks of two: three pulls of five blocks.
+    assert out["kv_transfer_params"]["kvbridge_kv_blocks"] == 5
+
+
+def test_streamed_sse_answer_is_token_identical(servers, proxy, colocated):
+    _, d, _ = servers
+    before = sources(d)
+    parts = []
+    with httpx.stream("POST", proxy.url + "/v1/completions", json=body(stream=True),
+                      timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                if event.get("choices"):
+                    parts.append(event["choices"][0].get("text") or "")
+    assert "".join(parts) == colocated
+    assert sources(d)["local_compute"] == before["local_compute"]
+
+
+def test_a_stream_nobody_publishes_fails_the_load_not_the_engine(servers, colocated):
+    """Decode told to read a stream its producer never computes: the producer
+    refuses the parked pulls at its timeout, the load fails, vLLM recomputes
+    (policy ``recompute``) - the answer is still right and both engines live."""
+    p, d, _ = servers
+    desc = httpx.post(p.url + "/v1/completions", json={
+        "model": MODEL, "prompt": "x", "max_tokens": 1,
+        "kv_transfer_params": {"kvbridge_describe": True}}, timeout=60).json()
+    info = desc["kv_transfer_params"]["kvbridge_describe"]
+    from kvbridge.serve.proxy.app import streamed_kv_params
+
+    _, d_params = streamed_kv_params(info, "kvbs-nobody-computes-this")
+    t0 = time.monotonic()
+    r = httpx.post(d.url + "/v1/completions", json={**body(), "kv_transfer_params": d_params},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == colocated
+    assert time.monotonic() - t0 < 60
+    assert metric_sum(d.url, "vllm:kvbridge_failed_transfers_total") >= 1
+    assert httpx.get(p.url + "/health").status_code == 200
+    assert httpx.get(d.url + "/health").status_code == 200
