@@ -84,6 +84,7 @@ def test_streamed_request_is_token_identical_and_decode_computes_no_prompt_token
         servers, proxy, colocated):
     p, d, _ = servers
     before = sources(d)
+    publishes = metric_sum(p.url, "vllm:kvbridge_stream_publishes_total")
     r = httpx.post(proxy.url + "/v1/completions", json=body(), timeout=120)
     assert r.status_code == 200, r.text
     assert r.headers["x-kvbridge-mode"] == "streamed"
@@ -96,6 +97,8 @@ def test_streamed_request_is_token_identical_and_decode_computes_no_prompt_token
     assert after["external_kv_transfer"] - before["external_kv_transfer"] == prompt_tokens
     # Every block moved, in chunks of two: three pulls of five blocks.
     assert out["kv_transfer_params"]["kvbridge_kv_blocks"] == 5
+    # Prefill published them step by step: 128 tokens a step, five steps.
+    assert metric_sum(p.url, "vllm:kvbridge_stream_publishes_total") - publishes == 5
 
 
 def test_streamed_sse_answer_is_token_identical(servers, proxy, colocated):
@@ -123,7 +126,7 @@ def test_a_stream_nobody_publishes_fails_the_load_not_the_engine(servers, coloca
         "model": MODEL, "prompt": "x", "max_tokens": 1,
         "kv_transfer_params": {"kvbridge_describe": True}}, timeout=60).json()
     info = desc["kv_transfer_params"]["kvbridge_describe"]
-    from kvbridge.serve.proxy.app import streamed_kv_params
+    from kvbridge.serve.proxy.modes import streamed_kv_params
 
     _, d_params = streamed_kv_params(info, "kvbs-nobody-computes-this")
     t0 = time.monotonic()

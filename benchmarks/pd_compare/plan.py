@@ -92,6 +92,10 @@ def make_configs(args) -> list[Config]:
     if "vllm-nixl" in wanted:
         configs.append(Config("vllm-nixl", f"P/D, vLLM NixlConnector ({nixl_mode(args)}) "
                               "+ kvbridge proxy", "nixl"))
+    if "vllm-nixl-push" in wanted:
+        configs.append(Config("vllm-nixl-push", f"P/D, vLLM NixlPushConnector ({nixl_mode(args)})"
+                              " + kvbridge proxy --kv-mode stream (decode registers at once, "
+                              "prefill writes)", "nixl", kv_mode="stream"))
     if "kvbridge" in wanted:
         configs += [Config(f"kvbridge-{t}", f"P/D, KVBridgeConnector ({t}) + kvbridge proxy",
                            "kvbridge", t) for t in transports_of(args)]

@@ -141,6 +141,9 @@ def summarize_results(results: list[dict], plan: dict) -> dict:
                 nhop = get(summary, "vllm-nixl", f"breakdown_{L}", "hop")
                 e[f"hop_ratio_to_nixl_{L}"] = ratio(hop, nhop) if (
                     hop is not None and nhop and hop > 0 and nhop > 0) else None
+                phop = get(summary, "vllm-nixl-push", f"breakdown_{L}", "hop")
+                e[f"hop_ratio_to_nixl_push_{L}"] = ratio(hop, phop) if (
+                    hop is not None and phop and hop > 0 and phop > 0) else None
     for r in pd:
         e = summary[r["config"]]
         p50s = [get(r, "workloads", k, "server", "proxy", "overhead_p50_ms")
@@ -150,7 +153,8 @@ def summarize_results(results: list[dict], plan: dict) -> dict:
         e["itl_p99_mixed_ratio_to_colocated"] = ratio(
             get(r, "workloads", "w2", "_mixed", "p99_itl_ms"),
             get(col, "workloads", "w2", "_mixed", "p99_itl_ms") if col else None)
-    summary["targets"] = targets(pd, summary, max(plan["w1_lengths"]))
+    summary["targets"] = targets(pd, summary, max(plan["w1_lengths"]),
+                                 min(plan["w1_lengths"]))
     return summary
 
 
@@ -159,12 +163,24 @@ def pd_results(results: list[dict]) -> list[dict]:
     return [r for r in results if r["kind"] != "colocated" and get(r, "workloads")]
 
 
-def targets(pd: list[dict], summary: dict, Lmax: int) -> list[dict]:
+def targets(pd: list[dict], summary: dict, Lmax: int, Lmin: int) -> list[dict]:
     """Each P/D configuration's targets at the longest prompts, with verdicts."""
     verdicts = []
     for r in pd:
         e = summary[r["config"]]
         if r["kind"] == "kvbridge":
+            v = e.get(f"hop_ratio_to_nixl_{Lmax}")
+            verdicts.append((r["config"], f"hop / NixlConnector's at ~{Lmax} <= 0.5", v,
+                             None if v is None else v <= 0.5))
+            v = e.get(f"hop_ratio_to_nixl_push_{Lmax}")
+            if v is not None:
+                verdicts.append((r["config"], f"hop / NixlPushConnector's at ~{Lmax} <= 1", v,
+                                 v <= 1.0))
+            hi = get(e, f"breakdown_{Lmax}", "hop")
+            lo = get(e, f"breakdown_{Lmin}", "hop")
+            v = ratio(hi, lo) if hi is not None and lo and lo > 0 else None
+            verdicts.append((r["config"], f"hop ~{Lmax} / hop ~{Lmin} <= 1.2", v,
+                             None if v is None else v <= 1.2))
             v = e.get(f"overhead_ratio_to_nixl_{Lmax}")
             verdicts.append((r["config"], f"kvbridge/NIXL TTFT overhead at ~{Lmax} <= 0.5"
                              + ("" if v is not None else " (n/a: overhead <= 0)"), v,

@@ -66,9 +66,11 @@ def parse_args(argv=None):
                    "prompt length (default 10, --quick 4); workload 2 scales with it")
     p.add_argument("--out-name", default=None, help="results file stem (default pd_compare, "
                    "--quick: pd_compare-quick)")
-    p.add_argument("--configs", default="colocated,vllm-nixl,kvbridge,kvbridge-stream",
-                   help="which of colocated, vllm-nixl, kvbridge (pull), kvbridge-stream "
-                        "(KV streamed while prefill runs, first transport) to run")
+    p.add_argument("--configs",
+                   default="colocated,vllm-nixl,vllm-nixl-push,kvbridge,kvbridge-stream",
+                   help="which of colocated, vllm-nixl (NixlConnector, pull), vllm-nixl-push "
+                        "(NixlPushConnector), kvbridge (pull), kvbridge-stream (KV streamed "
+                        "while prefill runs, first transport) to run")
     p.add_argument("--stream-chunk-tokens", type=int, default=512,
                    help="kvbridge-stream: the prefill instance's --max-num-batched-tokens, "
                         "so it computes (and publishes) a long prompt in chunks [512]")

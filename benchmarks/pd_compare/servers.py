@@ -70,8 +70,8 @@ def start_stack(cfg: Config, model: str, args, log_dir: Path) -> Stack:
                                  ("kv_consumer", args.decode_core, "decode")):
             env = {**SERVER_ENV, "VLLM_CPU_OMP_THREADS_BIND": str(core)}
             if cfg.kind == "nixl":
-                kv = {"kv_connector": "NixlConnector", "kv_role": role,
-                      "kv_buffer_device": "cpu"}
+                kv = {"kv_connector": "NixlPushConnector" if cfg.kv_mode == "stream"
+                      else "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}
                 env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = "127.0.0.1"
                 env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port())
                 env.update(nixl_tuning_env(args))
@@ -79,7 +79,7 @@ def start_stack(cfg: Config, model: str, args, log_dir: Path) -> Stack:
                 kv = kv_transfer_config(role, transport=cfg.transport, kv_port=free_port(),
                                         extra=args.kvbridge_extra)
             opts = dict(common)
-            if cfg.kv_mode == "stream" and name == "prefill":
+            if cfg.kv_mode == "stream" and cfg.kind == "kvbridge" and name == "prefill":
                 # Chunked prefill: each chunk's blocks are read while the next computes.
                 opts["extra_args"] = SERVER_ARGS + ["--max-num-batched-tokens",
                                                     str(args.stream_chunk_tokens)]

@@ -32,7 +32,7 @@ _SAMPLES = ("transfer_duration", "bytes_transferred", "blocks_transferred")
 #: counters for the interval (numbers) and failures by ``ErrorCode`` value
 _COUNTERS = ("num_expired_leases", "num_checksum_failures", "num_handshakes",
              "handshake_seconds", "staged_to_host", "staged_to_device", "staging_seconds",
-             "num_published", "num_released", "num_aborted_loads")
+             "num_published", "num_released", "num_aborted_loads", "num_stream_publishes")
 _FAILURES = "failed_transfers"
 #: producer connections opened, by medium ("cma", "tcp"...: what auto chose)
 _MEDIA = "connections_by_medium"
@@ -187,6 +187,11 @@ class KVBridgePromMetrics(KVConnectorPromMetrics):
             documentation="Loads whose landed blocks did not match the producer's "
                           "checksums.",
             labelnames=labelnames))
+        self.stream_publishes = per_engine(self._counter_cls(
+            name="vllm:kvbridge_stream_publishes",
+            documentation="Streamed requests' blocks made readable after a prefill step "
+                          "(one per request and step; counted by the producer).",
+            labelnames=labelnames))
         self.handshakes = per_engine(self._counter_cls(
             name="vllm:kvbridge_handshakes",
             documentation="Handshakes with producers (layouts paired).",
@@ -231,6 +236,7 @@ class KVBridgePromMetrics(KVConnectorPromMetrics):
         for counter, key in ((self.expired_leases, "num_expired_leases"),
                              (self.checksum_failures, "num_checksum_failures"),
                              (self.handshakes, "num_handshakes"),
+                             (self.stream_publishes, "num_stream_publishes"),
                              (self.handshake_time, "handshake_seconds"),
                              (self.staging_time, "staging_seconds")):
             if d.get(key):

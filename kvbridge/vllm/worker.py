@@ -51,7 +51,6 @@ request handed over is reported sent (no consumer can read it any more).
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -70,6 +69,7 @@ from kvbridge.vllm.metadata import (
     KVBridgeWorkerMetadata,
     RecvSpec,
 )
+from kvbridge.vllm.sends import SendTracker
 from kvbridge.vllm.stats import KVBridgeKVConnectorStats
 from kvbridge.vllm.layout import (
     distinct_layer_names,
@@ -123,18 +123,8 @@ class KVBridgeWorker:
         #: consumer: requests vLLM waits on, until reported received (rules 1-3)
         self._loads: dict[str, _Load] = {}
         self._load_errors: set[int] = set()
-        #: producer: requests vLLM handed over, until reported sent (rule 4):
-        #: the lease consumers read each under (its stream id when streamed,
-        #: else its request id) -> request id
-        self._sending: dict[str, str] = {}
-        #: producer: streamed requests' blocks this step computes, published
-        #: once its forward pass ran (``wait_for_save``)
-        self._stream_step: dict = {}
-        #: producer: released before this worker's step saw them (the scheduler
-        #: publishes over the control connection, ahead of the step) -> reason
-        self._released_early: OrderedDict[str, str] = OrderedDict()
-        #: producer: to report sent at the next get_finished
-        self._send_done: set[str] = set()
+        #: producer: requests vLLM handed over, until reported sent (rule 4)
+        self.sends = SendTracker()
         self._stats = KVBridgeKVConnectorStats()
         self._finished_transfers: dict[str, tuple[int, float, int]] = {}
         self._tp_rank = 0
@@ -207,10 +197,7 @@ class KVBridgeWorker:
             return
         self.kv_unregistered = True
         self.agent.close()
-        dropped = len(self._sending)
-        self._send_done |= set(self._sending.values())
-        self._sending.clear()
-        self._released_early.clear()
+        dropped = self.sends.drop_all()
         logger.info("KVBridgeConnector: transport closed for sleep mode (%d loads failing, "
                     "%d published requests dropped)", len(self._loads), dropped)
 
@@ -254,7 +241,7 @@ class KVBridgeWorker:
         assert self.agent is not None
         for req_id, spec in meta.reqs_to_send.items():
             self._start_send(req_id, spec.stream_id, spec.aborted)
-        self._stream_step = meta.reqs_to_stream
+        self.sends.start_step(meta.reqs_to_stream)
         for stream_id in meta.streams_to_end if not self.kv_unregistered else ():
             self.agent.transport.leases.release(stream_id, before_publish=True)
         # Asleep, nothing can be handed back: the producer's lease expires.
@@ -281,7 +268,7 @@ class KVBridgeWorker:
         ``idle_wait_ms`` in ``kvbridge.vllm.config``). Then clears the
         transport's progress event: the polls that follow see what happened,
         and whatever happens later wakes the next wait."""
-        pending = bool(self._loads or self._sending) and not self.kv_unregistered
+        pending = bool(self._loads or self.sends) and not self.kv_unregistered
         if self._idle_step and pending and self.config.idle_wait_s:
             self.agent.wait_progress(self.config.idle_wait_s)
         else:
@@ -291,65 +278,21 @@ class KVBridgeWorker:
         """While transfers are in flight, let kvbridge's threads have the GIL
         (see ``step_yield_ms`` in ``kvbridge.vllm.config``): vLLM's worker
         busy-waits for the next step in a way that starves other threads."""
-        if self.config.step_yield_s and (self._loads or self._sending):
+        if self.config.step_yield_s and (self._loads or self.sends):
             time.sleep(self.config.step_yield_s)
 
-    # -- producer (rule 4) --
+    # -- producer (rule 4; kvbridge.vllm.sends) --
     def wait_for_save(self) -> None:
-        """After the step's forward pass: the blocks it computed of each
-        streamed request are readable now (``kvbridge.vllm.stream``)."""
-        steps, self._stream_step = self._stream_step, {}
-        if self.kv_unregistered:
-            return
-        for req_id, spec in steps.items():
-            try:
-                self.agent.publish_progress(spec.stream_id, spec.block_ids,
-                                            complete=spec.complete)
-            except Exception as e:  # noqa: BLE001 - never the engine's failure
-                # Preempted and rescheduled on other blocks, or staging failed:
-                # its consumer must not read these blocks; it fails and recomputes.
-                logger.error("KVBridgeConnector: streamed request %s (%s) cannot be "
-                             "published: %s; its consumer's load fails", req_id,
-                             spec.stream_id, e)
-                self.agent.transport.leases.release(spec.stream_id, before_publish=True)
+        """After the step's forward pass: publish what it computed of each
+        streamed request (``kvbridge.vllm.stream``)."""
+        if not self.kv_unregistered:
+            self.sends.publish_step(self.agent, self._stats)
 
     def _start_send(self, req_id: str, stream_id: str | None = None,
                     aborted: bool = False) -> None:
-        """vLLM handed the request over. The scheduler already published it
-        to this rank's transport (the only publish) - or, streamed, this
-        worker did step by step; from here the worker only waits for the
-        transport to let the blocks go. A streamed request vLLM aborted is let
-        go now (a consumer reading it is refused)."""
-        lease_id = stream_id or req_id
-        if lease_id in self._sending:
-            return
-        self._stats.bump("num_published")
-        if self.kv_unregistered:
-            # The transport is closed: no consumer can read these blocks.
-            self._send_done.add(req_id)
-            return
-        if self._released_early.pop(lease_id, None) is not None:
-            # Read (or released) before this step's metadata arrived: done.
-            self._send_done.add(req_id)
-            return
-        self._sending[lease_id] = req_id
-        if aborted:
-            self.agent.transport.leases.release(lease_id, before_publish=True)
-
-    def _poll_sent(self) -> set[str]:
-        done, self._send_done = self._send_done, set()
-        if self.kv_unregistered:
-            return done
-        for req_id, reason in self.agent.poll_released():
-            if reason == "expired":
-                self._stats.bump("num_expired_leases")
-            if req_id in self._sending:
-                done.add(self._sending.pop(req_id))
-            else:
-                self._released_early[req_id] = reason
-                while len(self._released_early) > 8192:
-                    self._released_early.popitem(last=False)
-        return done
+        if self.sends.start(None if self.kv_unregistered else self.agent, req_id, stream_id,
+                            aborted):
+            self._stats.bump("num_published")
 
     # -- consumer (rules 1-3) --
     def _start_load(self, req_id: str, spec: RecvSpec) -> None:
@@ -412,7 +355,8 @@ class KVBridgeWorker:
             del self._loads[req_id]
             done_recving.add(req_id)
             self._finish_load(req_id, load)
-        done_sending = self._poll_sent()
+        done_sending = self.sends.poll(None if self.kv_unregistered else self.agent,
+                                       self._stats)
         if not self._idle_step:
             self._yield_to_transport()
         return done_sending or None, done_recving or None

@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-mode", choices=("pull", "stream"), default="pull",
                    help="pull: decode gets a request once prefill answered and reads its KV; "
                    "stream: both get it at once and decode reads the KV while prefill "
-                   "computes it (prefill instances that cannot stream are pulled from)")
+                   "computes it (KVBridgeConnector), or registers for prefill to write it "
+                   "(vLLM's NixlPushConnector, after its first answer); other prefill "
+                   "instances are pulled from")
     p.add_argument("--log-level", default="info")
 
 

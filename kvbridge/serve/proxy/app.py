@@ -5,7 +5,9 @@ Per request: pick a prefill instance (least outstanding requests), send it the
 request with ``max_tokens=1`` and ``kv_transfer_params={"do_remote_decode":
 true}`` (vLLM's proxy contract), then send the original request with the
 prefill response's ``kv_transfer_params`` - unchanged - to a decode instance
-and stream its answer back token by token.
+and stream its answer back token by token. With ``--kv-mode stream`` both get
+the request at once and decode reads the KV while prefill computes it
+(``modes``).
 
 Beyond a plain P/D router: when no prefill instance is usable the decode
 instance answers alone (colocated fallback, logged and counted); a decode
@@ -30,38 +32,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvbridge.errors import ErrorCode
 from kvbridge.serve.proxy.backends import PICKERS, Backend, BackendPool
+from kvbridge.serve.proxy.modes import (
+    KV_MODES,
+    PREFILL_KV_PARAMS,
+    can_stream,
+    push_coords,
+    streamed_kv_params,
+)
 from kvbridge.serve.proxy.metrics import ProxyMetrics
 
 logger = logging.getLogger("kvbridge.serve.proxy")
-
-#: Fields vLLM's toy proxy sets on the prefill request (NixlConnector's
-#: contract); KVBridgeConnector reads ``do_remote_decode``.
-PREFILL_KV_PARAMS = {"do_remote_decode": True, "do_remote_prefill": False,
-                     "remote_engine_id": None, "remote_block_ids": None, "remote_host": None,
-                     "remote_port": None}
-#: How decode gets the KV (``create_app``'s ``kv_mode``).
-KV_MODES = ("pull", "stream")
-
-
-def can_stream(prefill: Backend) -> bool:
-    """A prefill instance whose KVBridgeConnector streams (one KV cache group)."""
-    d = prefill.describe or {}
-    return bool(d.get("stream") and d.get("addresses"))
-
-
-def streamed_kv_params(describe: dict, stream_id: str) -> tuple[dict, dict]:
-    """(prefill's, decode's) kv_transfer_params of one streamed request
-    (``kvbridge.vllm.stream``): prefill publishes under ``stream_id`` as it
-    computes; decode reads it by position from the addresses prefill serves on."""
-    p_params = dict(PREFILL_KV_PARAMS, kvbridge_stream_id=stream_id)
-    d_params = {"do_remote_prefill": True, "do_remote_decode": False, "kvbridge_stream": True,
-                "remote_request_id": stream_id, "remote_engine_id": None,
-                "remote_block_ids": None, "remote_addresses": list(describe["addresses"]),
-                "remote_instance_ids": describe.get("instance_ids"),
-                "layout_fingerprint": describe.get("layout_fingerprint"),
-                "transport": describe.get("transport"), "kvbridge": describe.get("kvbridge")}
-    return p_params, d_params
-
 
 #: Upper bound on max_tokens when no backend reports max_model_len.
 DEFAULT_MAX_TOKENS_LIMIT = 1 << 20
@@ -91,8 +71,10 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
                request_timeout_s: float = 600.0, kv_mode: str = "pull") -> FastAPI:
     """``kv_mode``: ``pull`` - decode gets the request once prefill answered
     and reads its KV; ``stream`` - both get it at once and decode reads the
-    KV while prefill computes it (``kvbridge.vllm.stream``; a prefill instance
-    that cannot stream is pulled from)."""
+    KV while prefill computes it (``kvbridge.vllm.stream``), or, with vLLM's
+    NixlPushConnector, registers its blocks for prefill to write into once
+    the instance's first answer named its coordinates; any other prefill
+    instance is pulled from."""
     if kv_mode not in KV_MODES:
         raise ValueError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
     metrics = ProxyMetrics()
@@ -183,7 +165,7 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         tried: set[str] = set()
         if kv_mode == "stream":
             prefill = pool.pick("prefill")
-            if prefill is not None and can_stream(prefill):
+            if prefill is not None and (can_stream(prefill) or prefill.push_coords):
                 kv_params = start_streamed_prefill(request, client, prefill, path, body,
                                                    headers, request_id)
                 figures["X-KVBridge-Prefill-Backend"] = prefill.url
@@ -200,6 +182,9 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
             try:
                 kv_params, prefill_s = await run_prefill(request, client, prefill, path, body,
                                                          headers)
+                if kv_mode == "stream" and (kv_params or {}).get("transfer_mode") == "push":
+                    # vLLM's NixlPushConnector: from now on decode registers at once.
+                    prefill.push_coords = push_coords(kv_params)
                 figures["X-KVBridge-Prefill-Ms"] = f"{prefill_s * 1e3:.2f}"
                 figures["X-KVBridge-Prefill-Backend"] = prefill.url
                 metrics.prefill_latency(prefill_s)
@@ -256,8 +241,15 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         """Send the prefill in the background; return decode's kv_transfer_params.
         A failed prefill fails decode's load (its producer refuses or is gone),
         and vLLM's kv_load_failure_policy applies there."""
-        stream_id = f"kvbs-{uuid.uuid4().hex}"
-        p_params, d_params = streamed_kv_params(prefill.describe, stream_id)
+        if can_stream(prefill):
+            stream_id = f"kvbs-{uuid.uuid4().hex}"
+            p_params, d_params = streamed_kv_params(prefill.describe, stream_id)
+        else:
+            # NixlPushConnector: prefill matches decode's registration by the
+            # request id both get (X-Request-Id) and writes the KV into it.
+            p_params = dict(PREFILL_KV_PARAMS)
+            d_params = dict(prefill.push_coords, do_remote_prefill=True, do_remote_decode=False,
+                            remote_block_ids=None)
 
         async def run() -> None:
             try:

@@ -47,6 +47,9 @@ class Backend:
     last_error: str | None = None
     models: list[str] = field(default_factory=list)
     max_model_len: int | None = None
+    #: a prefill instance running vLLM's NixlPushConnector: the coordinates
+    #: its answers carry, with which decode registers at once (``--kv-mode stream``)
+    push_coords: dict | None = None
 
     @property
     def usable(self) -> bool:
