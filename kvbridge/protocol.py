@@ -60,6 +60,15 @@ Changelog (``PROTOCOL_VERSION``, defined in ``kvbridge.wire_version``):
         ranks that read this request here: the producer keeps the blocks
         until all of them have); the handshake pairs layouts of different TP
         sizes (``check_pairable``); MLA fields in the layout.
+        Added within 3, as a feature the producer advertises
+        (``HandshakeAccept.info["positions"]``) - an older producer would
+        ignore the new fields and read the positions as block ids, so a
+        consumer asks by position only where it is advertised: streamed
+        requests (``kvbridge.vllm.stream``): ``Pull.positions`` (the ids are
+        positions in the request's block list; the producer parks the pull
+        until those blocks are computed), ``Pull.final`` (only the reader's
+        last pull lets the blocks go), ``PullGrant.block_ids`` (the positions
+        resolved, for backends whose consumer reads the producer's memory).
 """
 
 from __future__ import annotations

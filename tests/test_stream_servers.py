@@ -138,3 +138,53 @@ def test_a_stream_nobody_publishes_fails_the_load_not_the_engine(servers, coloca
     assert metric_sum(d.url, "vllm:kvbridge_failed_transfers_total") >= 1
     assert httpx.get(p.url + "/health").status_code == 200
     assert httpx.get(d.url + "/health").status_code == 200
+
+
+def test_nixl_push_connector_through_the_proxy(tiny_model_dir, tmp_path):
+    """vLLM's own NixlPushConnector behind ``--kv-mode stream``: the first
+    request is pulled in sequence (its answer names the prefill instance's
+    coordinates), the next ones go to both at once - decode registers its
+    blocks and prefill writes into them. Token-identical; decode computes no
+    prompt token."""
+    import nixl  # noqa: F401 - part of the CI stack: fail, never skip, without it
+    from pathlib import Path
+
+    tuning = Path(__file__).resolve().parents[1] / "benchmarks" / "pd_compare" / "nixl_tuning"
+
+    def env():
+        return {"UCX_TLS": "self,sm,tcp", "UCX_NET_DEVICES": "lo",
+                "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+                "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+                "PD_COMPARE_NIXL_PTHR_DELAY_US": "100", "PD_COMPARE_NIXL_KEEP_AFFINITY": "1",
+                "PYTHONPATH": str(tuning)}
+
+    def kv(role):
+        return {"kv_connector": "NixlPushConnector", "kv_role": role,
+                "kv_buffer_device": "cpu"}
+
+    p = start_server("prefill", tiny_model_dir, free_port(), cpu_core=0, log_dir=tmp_path,
+                     served_name=MODEL, kv_config=kv("kv_producer"), env=env())
+    d = start_server("decode", tiny_model_dir, free_port(), cpu_core=1, log_dir=tmp_path,
+                     served_name=MODEL, kv_config=kv("kv_consumer"), env=env(),
+                     extra_args=["--no-enable-prefix-caching"])
+    px = None
+    try:
+        wait_healthy([p, d])
+        want = httpx.post(d.url + "/v1/completions", json=body(), timeout=120).json()
+        px = Proxy([p.url], [d.url], "--kv-mode", "stream", log_dir=tmp_path)
+        modes = []
+        for _ in range(2):
+            before = sources(d)
+            r = httpx.post(px.url + "/v1/completions", json=body(), timeout=120)
+            assert r.status_code == 200, r.text
+            modes.append(r.headers["x-kvbridge-mode"])
+            assert r.json()["choices"][0]["text"] == want["choices"][0]["text"]
+            after = sources(d)
+            assert after["local_compute"] == before["local_compute"], (before, after)
+            assert after["external_kv_transfer"] - before["external_kv_transfer"] == \
+                r.json()["usage"]["prompt_tokens"]
+        assert modes == ["disaggregated", "streamed"]
+    finally:
+        if px is not None:
+            px.stop()
+        stop_all([p, d])

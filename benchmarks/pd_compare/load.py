@@ -182,7 +182,7 @@ def warmup(st: Stack, vocab: int) -> None:
 def run_config(cfg: Config, model: str, args, plan: dict, log_dir: Path, prog: Progress,
                vocab: int) -> dict:
     res: dict = {"config": cfg.key, "label": cfg.label, "kind": cfg.kind,
-                 "transport": cfg.transport}
+                 "transport": cfg.transport, "kv_mode": cfg.kv_mode}
     res["loadavg_before"] = os.getloadavg()
     st = start_stack(cfg, model, args, log_dir)
     try:

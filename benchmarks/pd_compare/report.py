@@ -96,6 +96,10 @@ def breakdown(r: dict, name: str) -> dict:
                 "decode_queue": srv.get("queue_mean_ms")}
     px = get(wl, "server", "proxy") or {}
     xf, _src = xfer_ms(r, name)
+    if r.get("kv_mode") == "stream":
+        # Decode asked for the KV when prefill started: its load time is
+        # mostly the wait for prefill, not a transfer after it.
+        xf = None
     ovh, pre, pt = (px.get("overhead_mean_ms"), px.get("prefill_mean_ms"),
                     px.get("ttft_mean_ms"))
     dec_first = pt - pre - ovh if None not in (pt, pre, ovh) else None

@@ -38,6 +38,7 @@ from kvbridge.serve.proxy.modes import (
     can_stream,
     push_coords,
     streamed_kv_params,
+    vllm_request_id,
 )
 from kvbridge.serve.proxy.metrics import ProxyMetrics
 
@@ -249,7 +250,8 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
             # request id both get (X-Request-Id) and writes the KV into it.
             p_params = dict(PREFILL_KV_PARAMS)
             d_params = dict(prefill.push_coords, do_remote_prefill=True, do_remote_decode=False,
-                            remote_block_ids=None)
+                            remote_block_ids=None,
+                            remote_request_id=vllm_request_id(path, request_id))
 
         async def run() -> None:
             try:

@@ -50,3 +50,11 @@ def push_coords(kv_params: dict) -> dict:
     keys = ("remote_engine_id", "remote_host", "remote_port", "tp_size", "pp_size", "dcp_size",
             "transfer_mode")
     return {k: kv_params[k] for k in keys if k in kv_params}
+
+
+def vllm_request_id(path: str, header_id: str) -> str:
+    """The id vLLM's API server gives a request sent with ``X-Request-Id:
+    header_id`` (less the random suffix its engine adds): NixlPushConnector's
+    decode names the prefill's request by it."""
+    return f"chatcmpl-{header_id}" if path.endswith("/chat/completions") \
+        else f"cmpl-{header_id}-0"
