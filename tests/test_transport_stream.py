@@ -13,15 +13,6 @@ from helpers.transport_peer import digest
 from kvbridge.transport import TransferState
 
 
-def _poll_released(prod, timeout: float = 5.0) -> list:
-    deadline = time.monotonic() + timeout
-    out: list = []
-    while time.monotonic() < deadline and not out:
-        out = prod.call("poll")
-        time.sleep(0.02)
-    return out
-
-
 def test_chunks_asked_before_prefill_land_as_the_blocks_are_computed(backend, producers,
                                                                       consumers):
     prod = producers(backend)
@@ -47,7 +38,7 @@ def test_chunks_asked_before_prefill_land_as_the_blocks_are_computed(backend, pr
     assert last.wait(10) == TransferState.DONE, last.error
     assert digest(cons.cache, local) == prod.call("digest", remote)
     # The final chunk's read lets the request go, once.
-    assert _poll_released(prod) == [("s1", "read")]
+    assert prod.wait_released() == [("s1", "read")]
 
 
 def test_a_position_past_the_end_of_a_complete_request_is_refused(backend, producers,
@@ -72,7 +63,7 @@ def test_a_consumer_that_gives_up_before_prefill_frees_the_request(backend, prod
     h.cancel()
     assert h.wait(5) == TransferState.CANCELLED
     assert time.monotonic() - t0 < 3
-    assert _poll_released(prod) == [("s3", "released")]
+    assert prod.wait_released() == [("s3", "released")]
     assert prod.call("progress", "s3", [1, 2], True) is False
     assert prod.call("held") == {}
 

@@ -111,15 +111,7 @@ class LeaseTable:
         yet but may still be; ``BlockIdError`` for a position past the end of
         a complete request."""
         with self._lock:
-            lease = self._leases.get(request_id)
-            if lease is None:
-                ended = self._ended.get(request_id)
-                if ended:
-                    raise UnknownRequestError(
-                        f"unknown request id {request_id!r}: its blocks were already {ended}",
-                        "ended")
-                raise UnknownRequestError(f"request {request_id!r} is not published yet",
-                                          "not_published")
+            lease = self._held(request_id)
             n = len(lease.block_ids)
             if len(set(positions)) != len(positions):
                 raise BlockIdError(f"duplicate block positions in a read of {request_id!r}")
@@ -150,6 +142,20 @@ class LeaseTable:
         with self._lock:
             return request_id in self._leases or request_id in self._ended
 
+    def _held(self, request_id: str) -> _Lease:
+        """The lease of ``request_id`` (lock held); raises ``UnknownRequestError``
+        ``ended`` if it was let go, ``not_published`` if it may still come."""
+        lease = self._leases.get(request_id)
+        if lease is None:
+            ended = self._ended.get(request_id)
+            if ended:
+                raise UnknownRequestError(
+                    f"unknown request id {request_id!r}: its blocks were already {ended}",
+                    "ended")
+            raise UnknownRequestError(f"unknown request id {request_id!r}: not published "
+                                      "(yet?)", "not_published")
+        return lease
+
     def begin_read(self, request_id: str, block_ids: Sequence[int],
                    readers: int = 1) -> list[int]:
         """Grant a read of ``block_ids`` of ``request_id``; raises if not allowed.
@@ -157,15 +163,7 @@ class LeaseTable:
         ``readers``: consumer ranks that each read it once (the blocks are
         held until that many reads succeeded)."""
         with self._lock:
-            lease = self._leases.get(request_id)
-            if lease is None:
-                ended = self._ended.get(request_id)
-                if ended:
-                    raise UnknownRequestError(
-                        f"unknown request id {request_id!r}: its blocks were already {ended}",
-                        "ended")
-                raise UnknownRequestError(f"unknown request id {request_id!r}: not published "
-                                          "(yet?)", "not_published")
+            lease = self._held(request_id)
             allowed = set(lease.block_ids)
             stray = [b for b in block_ids if b not in allowed]
             if stray:
