@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import collections
 import socket
 import subprocess
 import sys
@@ -31,10 +32,22 @@ CPU_ENV = {
 }
 
 
+#: ports ``free_port`` handed out lately: servers bind them later, some in
+#: other network namespaces where this one cannot see them taken, so the
+#: kernel may offer the same port again - never hand it out twice
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=4096)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now, and not handed out by an earlier call."""
+    for _ in range(64):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            return port
+    raise RuntimeError("no fresh free port after 64 tries")
 
 
 def free_port_block(count: int, tries: int = 50) -> int:

@@ -95,6 +95,7 @@ class Transport(ProducerSide, ConsumerSide):
         #: producer: wake pipes (read end -> write end) of connections with
         #: parked pulls, written whenever ``publish_progress`` adds blocks
         self._parked_wakes: dict[int, int] = {}
+        self._parked_lock = threading.Lock()
         #: consumer: called with a pull's local block ids once its bytes landed,
         #: before the handle is DONE (e.g. ``HostMirror.to_device``); raising
         #: fails the pull

@@ -237,6 +237,12 @@ class LeaseTable:
             self._events.clear()
         return out
 
+    def num_held(self, request_id: str) -> int:
+        """How many blocks of ``request_id`` are held (0: none, or ended)."""
+        with self._lock:
+            lease = self._leases.get(request_id)
+            return len(lease.block_ids) if lease is not None else 0
+
     def held(self) -> dict[str, list[int]]:
         with self._lock:
             return {rid: list(lease.block_ids) for rid, lease in self._leases.items()}

@@ -112,8 +112,7 @@ class ProducerSide:
         if the request has ended (a consumer gave it up)."""
         ids = self.cache.validate(block_ids)
         with self._publish_lock:
-            held = self.leases.held().get(request_id, [])
-            new = ids[len(held):]
+            new = ids[self.leases.num_held(request_id):]
             if new and self.before_publish is not None:
                 self.before_publish(new)
             digests = (checksum.block_digests(self.cache, new)
@@ -124,11 +123,14 @@ class ProducerSide:
         return ok
 
     def _wake_parked(self) -> None:
-        for fd in list(self._parked_wakes.values()):
-            try:
-                os.write(fd, b"x")
-            except OSError:
-                pass  # full (a wake is pending anyway) or closed
+        # Under the lock: a pipe closed meanwhile could see its fd number
+        # reused by a socket, which must never get this byte.
+        with self._parked_lock:
+            for fd in self._parked_wakes.values():
+                try:
+                    os.write(fd, b"x")
+                except BlockingIOError:
+                    pass  # full: a wake is pending anyway
 
     def release(self, request_id: str) -> bool:
         """Stop holding a request's blocks (abort); True if they were held."""
@@ -314,7 +316,8 @@ class ProducerSide:
             r, w = os.pipe()
             os.set_blocking(w, False)
             state.wake = r
-            self._parked_wakes[r] = w
+            with self._parked_lock:
+                self._parked_wakes[r] = w
         state.parked.append((pull, time.monotonic() + self.config.transfer_timeout_s))
 
     def _wait_parked(self, conn: socket.socket, state: ServerConn) -> bool:
@@ -343,10 +346,11 @@ class ProducerSide:
     def _unpark_all(self, state: ServerConn) -> None:
         state.parked = []
         if state.wake is not None:
-            w = self._parked_wakes.pop(state.wake, None)
-            for fd in (state.wake, w):
-                if fd is not None:
-                    os.close(fd)
+            with self._parked_lock:
+                w = self._parked_wakes.pop(state.wake, None)
+                for fd in (state.wake, w):
+                    if fd is not None:
+                        os.close(fd)
             state.wake = None
 
     def _handle_pull(self, conn: socket.socket, pull: P.Pull, state: ServerConn, *,
