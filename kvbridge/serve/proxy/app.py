@@ -46,6 +46,11 @@ logger = logging.getLogger("kvbridge.serve.proxy")
 
 #: Upper bound on max_tokens when no backend reports max_model_len.
 DEFAULT_MAX_TOKENS_LIMIT = 1 << 20
+#: Idle connections to backends are dropped after this long: below the 5 s
+#: after which vLLM's API server (uvicorn, ``--timeout-keep-alive``) closes
+#: them, so a request never goes out on a connection the server is closing
+#: (httpx's default expiry is those same 5 s; the race fails the request).
+KEEPALIVE_EXPIRY_S = 2.0
 
 
 class ClientError(Exception):
@@ -86,7 +91,8 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
     async def lifespan(app: FastAPI):
         client = httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=5.0),
                                    limits=httpx.Limits(max_connections=1024,
-                                                       max_keepalive_connections=256))
+                                                       max_keepalive_connections=256,
+                                                       keepalive_expiry=KEEPALIVE_EXPIRY_S))
         pool = BackendPool(prefill, decode, client, picker=PICKERS[policy](),
                            health_interval_s=health_interval_s)
         pool.on_change = metrics.backend_changed
@@ -310,6 +316,8 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         except httpx.HTTPError as e:
             metrics.failure("decode_error")
             metrics.request_done(kind, 502)
+            logger.warning("kvbridge proxy: decode at %s failed for %s: %s: %s", decode.url,
+                           headers.get("X-Request-Id"), type(e).__name__, e)
             decode.healthy = False
             # The type names the failure: httpx's ReadError and friends often
             # carry an empty message.
