@@ -56,13 +56,19 @@ def free_port_block(count: int, tries: int = 50) -> int:
     import random
 
     for _ in range(tries):
-        base = random.randint(20000, 60000 - count)
+        # Below the kernel's ephemeral range (32768-60999 by default): the
+        # servers bind these seconds later, and no outgoing connection's
+        # source port can take one meanwhile.
+        base = random.randint(20000, 32000 - count)
+        if any(p in _HANDED_OUT for p in range(base, base + count)):
+            continue
         socks = []
         try:
             for port in range(base, base + count):
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("127.0.0.1", port))
+            _HANDED_OUT.extend(range(base, base + count))
             return base
         except OSError:
             continue
