@@ -128,9 +128,11 @@ class KVAgent:
         """This process's identity as a producer (see ``KVTicket.instance_id``)."""
         return self.transport.instance_id
 
-    def release(self, request_id: str) -> bool:
-        """Let go of a published request now (e.g. it was aborted)."""
-        return self.transport.release(request_id)
+    def release(self, request_id: str, *, before_publish: bool = False) -> bool:
+        """Let go of a published request now (e.g. it was aborted);
+        ``before_publish``: a streamed one, maybe not published yet
+        (``Transport.release``)."""
+        return self.transport.release(request_id, before_publish=before_publish)
 
     def poll_released(self) -> list[tuple[str, str]]:
         """``(request_id, reason)`` whose blocks may be freed; reason is

@@ -132,9 +132,14 @@ class ProducerSide:
                 except BlockingIOError:
                     pass  # full: a wake is pending anyway
 
-    def release(self, request_id: str) -> bool:
-        """Stop holding a request's blocks (abort); True if they were held."""
-        return self.leases.release(request_id)
+    def release(self, request_id: str, *, before_publish: bool = False) -> bool:
+        """Stop holding a request's blocks (abort); True if they were held.
+        ``before_publish``: a streamed request may not be published yet - it
+        is ended anyway, so its later publish is refused (``LeaseTable``).
+        Pulls parked for it are refused now, not at their deadline."""
+        held = self.leases.release(request_id, before_publish=before_publish)
+        self._wake_parked()
+        return held
 
     def poll_released(self) -> list[tuple[str, str]]:
         """(request_id, reason) whose blocks the engine may now free."""
@@ -286,9 +291,7 @@ class ProducerSide:
 
     def _handle_release(self, msg: P.Release, peer: str) -> None:
         self.stats.releases_received += 1
-        # Parked pulls of it (any connection) are refused at once, not at their deadline.
-        self._wake_parked()
-        if self.leases.release(msg.request_id, before_publish=True):
+        if self.release(msg.request_id, before_publish=True):
             logger.info("kvbridge: consumer %s released request %s unread (%s)", peer,
                         msg.request_id, msg.reason or "no reason given")
 

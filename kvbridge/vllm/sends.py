@@ -59,7 +59,7 @@ class SendTracker:
                 logger.error("KVBridgeConnector: streamed request %s (%s) cannot be "
                              "published: %s; its consumer's load fails", req_id,
                              spec.stream_id, e)
-                agent.transport.leases.release(spec.stream_id, before_publish=True)
+                agent.release(spec.stream_id, before_publish=True)
 
     def start(self, agent: KVAgent | None, req_id: str, stream_id: str | None = None,
               aborted: bool = False) -> bool:
@@ -77,7 +77,7 @@ class SendTracker:
             return True
         self.sending[lease_id] = req_id
         if aborted:
-            agent.transport.leases.release(lease_id, before_publish=True)
+            agent.release(lease_id, before_publish=True)
         return True
 
     def poll(self, agent: KVAgent | None, stats: KVBridgeKVConnectorStats) -> set[str]:

@@ -243,7 +243,7 @@ class KVBridgeWorker:
             self._start_send(req_id, spec.stream_id, spec.aborted)
         self.sends.start_step(meta.reqs_to_stream)
         for stream_id in meta.streams_to_end if not self.kv_unregistered else ():
-            self.agent.transport.leases.release(stream_id, before_publish=True)
+            self.agent.release(stream_id, before_publish=True)
         # Asleep, nothing can be handed back: the producer's lease expires.
         for spec in meta.reqs_to_release if not self.kv_unregistered else ():
             try:
