@@ -96,11 +96,7 @@ class ProducerSide:
         with self._publish_lock:
             if self.leases.known(request_id):
                 return self.leases.publish(request_id, ids, lease_s)
-            if self.before_publish is not None:
-                self.before_publish(ids)
-            digests = (checksum.block_digests(self.cache, ids)
-                       if self.config.checksum and checksum.supported(self.cache) else None)
-            return self.leases.publish(request_id, ids, lease_s, digests)
+            return self.leases.publish(request_id, ids, lease_s, self._make_readable(ids))
 
     def publish_progress(self, request_id: str, block_ids: Sequence[int], *,
                          complete: bool, lease_s: float | None = None) -> bool:
@@ -112,15 +108,23 @@ class ProducerSide:
         if the request has ended (a consumer gave it up)."""
         ids = self.cache.validate(block_ids)
         with self._publish_lock:
-            new = ids[self.leases.num_held(request_id):]
-            if new and self.before_publish is not None:
-                self.before_publish(new)
-            digests = (checksum.block_digests(self.cache, new)
-                       if self.config.checksum and checksum.supported(self.cache) else None)
+            held = self.leases.num_held(request_id)
+            if not held and self.leases.known(request_id):
+                return False  # ended (a consumer gave it up): stage nothing
+            new = ids[held:]
+            digests = self._make_readable(new) if new else None
             ok = self.leases.advance(request_id, ids, complete, lease_s, digests)
         if ok and new:
             self._wake_parked()
         return ok
+
+    def _make_readable(self, ids: list[int]) -> list[int] | None:
+        """Stage ``ids`` for reading (``before_publish``: a host mirror) and
+        digest them; None when not checksummed."""
+        if self.before_publish is not None:
+            self.before_publish(ids)
+        return (checksum.block_digests(self.cache, ids)
+                if self.config.checksum and checksum.supported(self.cache) else None)
 
     def _wake_parked(self) -> None:
         # Under the lock: a pipe closed meanwhile could see its fd number
