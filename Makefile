@@ -7,6 +7,8 @@ export VLLM_TARGET_DEVICE ?= cpu
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export UCX_NET_DEVICES ?= lo
+# torch's CPU tensors (the KV cache) on huge pages: see kvbridge/cache/hugepages.py
+export THP_MEM_ALLOC_ENABLE ?= 1
 
 .PHONY: setup demo test bench clean-results
 setup:

@@ -27,7 +27,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DIR="${COMPAT_DIR:-/tmp/compat/$VERSION}"
 VENV="$DIR/venv"
 PY="${PYTHON:-python3}"
-export VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 UCX_NET_DEVICES=lo
+export VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 UCX_NET_DEVICES=lo THP_MEM_ALLOC_ENABLE=1
 
 log() { echo "[compat $VERSION] $*" >&2; }
 mkdir -p "$DIR"

@@ -11,6 +11,9 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
+# torch's CPU tensors on huge pages, as `make test` and `kvbridge up` run engines
+# (tests/test_hugepages.py covers the memory of a process without it)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 HELPERS = Path(__file__).parent / "helpers"
 SHUFFLE_ENV = "KVBRIDGE_TEST_SHUFFLE"

@@ -23,6 +23,8 @@ def test_defaults():
     assert (cfg.step_yield_s, cfg.idle_wait_s) == (0.002, 0.020)
     assert parse({"idle_wait_ms": 0, "step_yield_ms": 5}).idle_wait_s == 0
     assert parse({"idle_wait_ms": "7.5"}).idle_wait_s == pytest.approx(0.0075)
+    assert cfg.transport_config.huge_pages == "collapse"
+    assert parse({"huge_pages": "OFF"}).transport_config.huge_pages == "off"
 
 
 @pytest.mark.parametrize("key", ["idle_wait_ms", "step_yield_ms"])
@@ -37,6 +39,8 @@ def test_step_waits_out_of_range_are_refused(key, value):
                            "['transprot']"),
     ({"host_staging": "maybe"}, "host_staging must be auto, true or false, got 'maybe'"),
     ({"transport": "carrier-pigeon"}, "carrier-pigeon"),
+    ({"huge_pages": "sometimes"}, "huge_pages must be one of collapse, advise, off, "
+                                  "got 'sometimes'"),
 ])
 def test_bad_values_are_named(extra, message):
     with pytest.raises(ValueError) as e:

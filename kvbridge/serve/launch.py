@@ -29,6 +29,10 @@ CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "HF_HUB_OFFLINE": "1",
     "UCX_NET_DEVICES": "lo",
+    # torch allocates the KV cache on huge pages from the start: cross-process
+    # reads of it (cma, NIXL over shared memory) run ~3x faster, and the
+    # connector has nothing to convert (kvbridge.cache.hugepages)
+    "THP_MEM_ALLOC_ENABLE": "1",
 }
 
 

@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable
 
 from kvbridge import protocol as P
+from kvbridge.cache import hugepages
 from kvbridge.cache.blocks import PagedKVCache
 from kvbridge.cache.shard import BlockSlice
 from kvbridge.errors import ErrorCode
@@ -100,6 +101,9 @@ class Transport(ProducerSide, ConsumerSide):
         #: before the handle is DONE (e.g. ``HostMirror.to_device``); raising
         #: fails the pull
         self.after_pull: Callable[[list[int]], None] | None = None
+        #: the registered host memory going over to huge pages (in the background)
+        self.huge_pages = hugepages.HugePages(hugepages.host_spans(cache),
+                                              self.config.huge_pages).start()
 
     def _tune(self, sock: socket.socket) -> None:
         """Socket options of every control connection, either side."""
@@ -119,6 +123,7 @@ class Transport(ProducerSide, ConsumerSide):
         if self._closing.is_set():
             return
         self._closing.set()
+        self.huge_pages.stop()
         if self._listener is not None:
             try:
                 # Wakes the accept thread. close() alone leaves the socket

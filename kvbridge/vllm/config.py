@@ -86,13 +86,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvbridge.cache.hugepages import MODES as HUGE_PAGE_MODES
 from kvbridge.transport import DEFAULT as DEFAULT_TRANSPORT
 from kvbridge.transport import TransportConfig, transport_class
 
 _KNOWN = {"transport", "host", "advertise_host", "port", "lease_s", "secret",
           "transfer_timeout_s", "handshake_timeout_s", "publish_wait_s", "host_staging",
           "checksum", "fault_flip_byte_every", "step_yield_ms",
-          "idle_wait_ms", "stream_chunk_blocks"}
+          "idle_wait_ms", "stream_chunk_blocks", "huge_pages"}
 
 
 def _flag(value, key: str) -> bool:
@@ -154,6 +155,7 @@ class KVBridgeConfig:
             publish_wait_s=float(extra.get("publish_wait_s", 10.0)),
             checksum=_flag(extra.get("checksum", True), "checksum"),
             fault_flip_byte_every=int(extra.get("fault_flip_byte_every", 0)),
+            huge_pages=_choice(extra, "huge_pages", HUGE_PAGE_MODES, "collapse"),
         )
         staging = str(extra.get("host_staging", "auto")).lower()
         if staging not in ("auto", "true", "false"):
@@ -168,6 +170,14 @@ class KVBridgeConfig:
         return cls(role=role, transport=transport, base_port=int(extra.get("port", ktc.kv_port)),
                    transport_config=tc, host_staging=staging, step_yield_s=step_yield_ms / 1e3,
                    idle_wait_s=idle_wait_ms / 1e3, stream_chunk_blocks=chunk)
+
+
+def _choice(extra: dict, key: str, choices: tuple[str, ...], default: str) -> str:
+    value = str(extra.get(key, default)).lower()
+    if value not in choices:
+        raise ValueError(f"kv_connector_extra_config.{key} must be one of {', '.join(choices)}, "
+                         f"got {extra.get(key)!r}")
+    return value
 
 
 def _milliseconds(extra: dict, key: str, default: float) -> float:

@@ -33,6 +33,9 @@ from kvbridge.bench.transport.procs import (
 )
 from kvbridge.bench.transport.report import pull_stages
 
+#: how long a side waits for its KV memory to be on huge pages before it measures
+HUGE_PAGES_WAIT_S = 60.0
+
 # -- helper processes (module level, so the spawn context can pickle them) ------------
 
 def producer_main(pipe: Connection, backend: str, blocks: dict[str, int], seed: int,
@@ -55,6 +58,9 @@ def producer_main(pipe: Connection, backend: str, blocks: dict[str, int], seed: 
             transports[shape] = create_transport(backend, caches[shape],
                                                  TransportConfig(checksum=checksum, host=host))
             addresses[shape] = transports[shape].serve()
+        for t in transports.values():
+            # measure what an engine sees once its KV memory is on huge pages
+            t.huge_pages.wait(HUGE_PAGES_WAIT_S)
         pipe.send(("ok", addresses))
     except Exception as e:  # noqa: BLE001 - reported to the parent
         pipe.send(("error", f"{backend} producer failed to start: {type(e).__name__}: {e}"))
@@ -130,6 +136,7 @@ def bench_backend(backend: str, cases: list[Case], blocks: dict[str, int],
             cache = consumers.get(shape)
             try:
                 transport = create_transport(backend, cache, TransportConfig(checksum=checksum))
+                transport.huge_pages.wait(HUGE_PAGES_WAIT_S)
             except Exception as e:  # noqa: BLE001 - this shape's cases fail, the run goes on
                 for case in shape_cases:
                     results.append(result(name, case, None, False,

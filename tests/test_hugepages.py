@@ -1,0 +1,103 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A transport's host KV memory goes over to huge pages (``huge_pages``),
+bytes unchanged; ``off`` leaves it alone; bad modes are refused.
+
+Each case runs in a fresh process without ``THP_MEM_ALLOC_ENABLE``, so torch
+allocates the cache on 4 KiB pages, as vLLM's is unless its environment says
+otherwise - the memory the background conversion exists for."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvbridge.cache import hugepages
+from kvbridge.transport import TransportConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import hashlib, json, sys
+sys.path.insert(0, sys.argv[2] + "/tests")
+from helpers.transport_peer import make_cache
+from kvbridge.transport import TransportConfig, create_transport
+
+def huge_kib(addr, nbytes):
+    # AnonHugePages of the mappings overlapping [addr, addr + nbytes) (madvise
+    # splits a mapping where an advised span starts and ends)
+    inside, total = False, 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo < addr + nbytes and addr < hi
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1])
+    return total
+
+# 48 blocks of 1 MiB in two 24 MiB regions (layers)
+cache = make_cache(48, seed=7, block_size=128, kv_heads=8, head_size=128, layers=2)
+views = cache.byte_views
+kib = lambda: sum(huge_kib(v.data_ptr(), v.numel()) for v in views)
+digest = lambda: [hashlib.sha256(v.numpy()).hexdigest() for v in views]
+before, kib_before = digest(), kib()
+t = create_transport("tcp", cache, TransportConfig(huge_pages=sys.argv[1]))
+done = t.huge_pages.wait(120)
+print(json.dumps(dict(done=done, before=kib_before, after=kib(),
+                      same=digest() == before, collapsed=t.huge_pages.collapsed,
+                      nbytes=t.huge_pages.nbytes, error=t.huge_pages.error)))
+t.close()
+"""
+
+
+def thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return text.split("[")[1].split("]")[0] if "[" in text else text.strip()
+
+
+def run_case(mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(ROOT)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_collapse_moves_the_written_cache_onto_huge_pages_bytes_unchanged():
+    res = run_case("collapse")
+    assert res["done"] and res["same"], res
+    if thp_mode() == "madvise":  # (under "always" the kernel may have given huge ones)
+        assert res["before"] == 0, res  # torch's own pages: 4 KiB
+    if thp_mode() in ("always", "madvise"):
+        assert res["error"] is None, res
+        assert res["collapsed"] == res["nbytes"] >= 40 << 20, res
+        assert res["after"] >= 40 << 10, res  # KiB
+    else:  # the kernel says no: reported, and nothing else changes
+        assert res["error"], res
+
+
+def test_off_leaves_the_cache_alone():
+    res = run_case("off")
+    assert res["done"] and res["same"], res
+    assert res["before"] == res["after"] and res["collapsed"] == 0, res
+
+
+def test_a_mode_that_does_not_exist_is_refused():
+    with pytest.raises(ValueError, match="huge_pages must be one of collapse, advise, off"):
+        hugepages.HugePages([], "always")
+    assert TransportConfig().huge_pages == "collapse"
+
+
+def test_aligned_span_keeps_only_whole_huge_pages():
+    page = hugepages.HUGE_PAGE
+    assert hugepages.aligned_span(page + 1, 3 * page) == (2 * page, 2 * page)
+    assert hugepages.aligned_span(page, page - 1) == (page, 0)
