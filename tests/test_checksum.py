@@ -44,3 +44,18 @@ def test_digest_covers_every_region():
     before = checksum.block_digests(cache, [2])
     cache.region_arrays()[1][2, -1] ^= 1  # last byte of the last region
     assert checksum.block_digests(cache, [2]) != before
+
+
+def test_native_digests_equal_the_python_ones_for_every_layout():
+    """The C digests (one call, no GIL) and the Python ones agree, so a
+    producer and a consumer may each use either."""
+    assert checksum.NATIVE is not None, "the CPU library or xxhash's XXH3 is missing"
+    for kw in (dict(layers=3), dict(layers=2, regions_per_layer=2),
+               dict(layers=1, block_size=128, kv_heads=8, head_size=128)):
+        cache = make_cache(40, seed=6, **kw)
+        ids = [39, 0, 17, 18, 19, 5]
+        assert checksum.native_block_digests(cache, ids) == \
+            checksum.python_block_digests(cache, ids)
+        # block_digests picks the C path from NATIVE_MIN_PIECES pieces up
+        many = list(range(40))
+        assert checksum.block_digests(cache, many) == checksum.python_block_digests(cache, many)

@@ -45,6 +45,35 @@ def test_flipped_byte_fails_the_pull_and_frees_the_producer(backend, producers, 
     assert ("bad", "released") in wait_released(prod, "bad")
 
 
+#: llama-8B-sized blocks (1 MiB: two layers of 512 KiB), enough of them that a
+#: pull of 12 takes the large-read paths (cma: several threads reading and
+#: digesting in C as the bytes land)
+BIG_BLOCKS = dict(num_blocks=16, block_size=128, kv_heads=8, head_size=128, layers=2)
+
+
+def test_a_block_changed_after_publish_fails_a_large_pull(backend, producers, consumers):
+    """The producer's bytes changed under its digest (a block reused, memory
+    gone bad): every backend names exactly that block, on a pull big enough to
+    be read and digested in parallel as it lands."""
+    prod = producers(backend, cache_kw=BIG_BLOCKS)
+    cons = consumers(backend, **BIG_BLOCKS)
+    ids = list(range(12))
+    local = [15 - i for i in ids]  # reversed: nothing contiguous to merge
+    prod.publish("clean", ids)
+    h = cons.pull(prod.address, "clean", ids, local)
+    assert h.wait(60) == TransferState.DONE, h.error
+    assert h.nbytes == 12 << 20
+    assert digest(cons.cache, local) == prod.call("digest", ids)
+    prod.publish("changed", ids)
+    prod.call("flip", 9, 4321)
+    h = cons.pull(prod.address, "changed", ids, local)
+    assert h.wait(60) == TransferState.FAILED
+    assert "checksum mismatch: 1 of 12 blocks" in h.error, h.error
+    assert h.invalid_local_ids == [local[9]]
+    others = [i for i in ids if i != 9]
+    assert digest(cons.cache, [15 - i for i in others]) == prod.call("digest", others)
+
+
 def test_checksums_off_lands_the_flipped_byte(backend, producers, consumers):
     """The same fault with checksums off is silent garbage: what the check buys."""
     prod = producers(backend, config_kw=dict(checksum=False))

@@ -34,7 +34,7 @@ NUM_THREADS = int(os.environ.get("KVBRIDGE_KERNEL_THREADS", min(8, os.cpu_count(
 STREAM_BYTES = int(os.environ.get("KVBRIDGE_KERNEL_NT_BYTES", 4 << 20))
 #: The C ABIs of csrc/cpu/kvb_copy.cpp and csrc/cuda/kvb_copy.cu this module
 #: calls; an older build is not used.
-CPU_ABI_VERSION = 2
+CPU_ABI_VERSION = 3
 CUDA_ABI_VERSION = 2
 
 
@@ -76,6 +76,14 @@ def _load_cpu() -> ctypes.CDLL | None:
     lib.kvb_copy_blocks.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    # csrc/cpu/kvb_cma.cpp
+    lib.kvb_cma_read_blocks.restype = ctypes.c_int
+    lib.kvb_cma_read_blocks.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.kvb_digest_blocks.restype = ctypes.c_int
+    lib.kvb_digest_blocks.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.kvb_set_stream_threshold.restype = None
     lib.kvb_set_stream_threshold.argtypes = [ctypes.c_int64]
     lib.kvb_set_stream_threshold(STREAM_BYTES)
@@ -83,6 +91,11 @@ def _load_cpu() -> ctypes.CDLL | None:
 
 
 _cpu_lib = _load_cpu()
+
+
+def cpu_lib() -> ctypes.CDLL | None:
+    """The CPU library (``csrc/cpu``), or None where it is not built."""
+    return _cpu_lib
 
 
 def set_stream_threshold(nbytes: int) -> None:

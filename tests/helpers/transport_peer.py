@@ -70,8 +70,13 @@ def _peer(backend: str, cache_kw: dict, config_kw: dict, env: dict):
 
 def _serve(pipe, cache, transport, commands: dict) -> None:
     """Answer ``(cmd, *args)`` from ``pipe`` with ``commands[cmd](*args)``
-    until ``stop``; every peer also answers ``digest`` of its blocks."""
-    commands = {"digest": lambda ids: digest(cache, ids), **commands}
+    until ``stop``; every peer also answers ``digest`` of its blocks and
+    ``flip`` (one byte of a block corrupted in place)."""
+    from kvbridge.cache import checksum
+
+    commands = {"digest": lambda ids: digest(cache, ids),
+                "flip": lambda block, offset: checksum.flip_byte(cache, block, offset),
+                **commands}
     while True:
         cmd, *args = pipe.recv()
         if cmd == "stop":
