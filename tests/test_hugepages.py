@@ -101,3 +101,14 @@ def test_aligned_span_keeps_only_whole_huge_pages():
     page = hugepages.HUGE_PAGE
     assert hugepages.aligned_span(page + 1, 3 * page) == (2 * page, 2 * page)
     assert hugepages.aligned_span(page, page - 1) == (page, 0)
+
+
+def test_regions_sharing_one_allocation_are_converted_once():
+    """vLLM's layers interleave in one buffer: each layer's region spans nearly
+    all of it. The spans merge, so the memory is advised and counted once."""
+    page = hugepages.HUGE_PAGE
+    base = 100 * page
+    layers = [(base + i * 4096, 64 * page) for i in range(32)]
+    hp = hugepages.HugePages(layers + [(base + 200 * page, page), (0, 0)], "off")
+    assert hp.spans == [(base, 64 * page), (base + 200 * page, page)]
+    assert hp.nbytes == 65 * page

@@ -59,6 +59,19 @@ def aligned_span(addr: int, nbytes: int) -> tuple[int, int]:
     return lo, max(0, hi - lo)
 
 
+def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(address, bytes) spans with overlapping or touching ones merged: an
+    engine's regions often share one allocation (vLLM lays every layer of a
+    block out in one buffer, so each layer's region spans nearly all of it)."""
+    out: list[list[int]] = []
+    for addr, n in sorted((a, n) for a, n in spans if n > 0):
+        if out and addr <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], addr + n - out[-1][0])
+        else:
+            out.append([addr, n])
+    return [(a, n) for a, n in out]
+
+
 def _advise(addr: int, nbytes: int, advice: int) -> int:
     """madvise; 0 or the errno."""
     if _madvise(addr, nbytes, advice) == 0:
@@ -79,7 +92,7 @@ class HugePages:
         if mode not in MODES:
             raise ValueError(f"huge_pages must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode
-        self.spans = [s for s in (aligned_span(a, n) for a, n in spans) if s[1]]
+        self.spans = [s for s in (aligned_span(a, n) for a, n in merge_spans(spans)) if s[1]]
         self.nbytes = sum(n for _, n in self.spans)
         #: set when the conversion is over (done, refused, stopped or not asked)
         self.done = threading.Event()
