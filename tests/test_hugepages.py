@@ -56,14 +56,6 @@ t.close()
 """
 
 
-def thp_mode() -> str:
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return "absent"
-    return text.split("[")[1].split("]")[0] if "[" in text else text.strip()
-
-
 def run_case(mode: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     out = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(ROOT)], env=env,
@@ -75,9 +67,9 @@ def run_case(mode: str) -> dict:
 def test_collapse_moves_the_written_cache_onto_huge_pages_bytes_unchanged():
     res = run_case("collapse")
     assert res["done"] and res["same"], res
-    if thp_mode() == "madvise":  # (under "always" the kernel may have given huge ones)
+    if hugepages.thp_setting() == "madvise":  # (under "always" the kernel may have given huge ones)
         assert res["before"] == 0, res  # torch's own pages: 4 KiB
-    if thp_mode() in ("always", "madvise"):
+    if hugepages.thp_setting() in ("always", "madvise"):
         assert res["error"] is None, res
         assert res["collapsed"] == res["nbytes"] >= 40 << 20, res
         assert res["after"] >= 40 << 10, res  # KiB

@@ -143,6 +143,36 @@ def test_decode_is_token_identical_and_computes_no_prompt_token(engines, tiny_mo
     check_pair(p, d, colocated, prompt_lens)
 
 
+def test_kv_cache_on_small_pages_goes_onto_huge_pages_while_serving(
+        engines, tiny_model_dir, colocated, prompt_lens):
+    """vLLM as a user runs it, without THP_MEM_ALLOC_ENABLE: torch puts the KV
+    cache on 4 KiB pages and each connector converts it in the background
+    (~2.5 s per GiB) from the moment it registers the cache, while the pair
+    serves - token-identical, decode computing no prompt token (the bytes
+    never change, only the pages behind them)."""
+    from kvbridge.cache.hugepages import thp_setting
+
+    env = {"THP_MEM_ALLOC_ENABLE": "0"}
+    p = engines("kv_producer", tiny_model_dir, port=free_port(), extra={"transport": "cma"},
+                env=env)
+    d = engines("kv_consumer", tiny_model_dir, port=free_port(), extra={"transport": "cma"},
+                env=env)
+    check_pair(p, d, colocated, prompt_lens)
+    for e in (p, d):
+        deadline = time.monotonic() + 120
+        while True:
+            hp = e.call(cmd="transport")["metrics"]["huge_pages"]
+            if hp["done"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert hp["done"] and hp["mode"] == "collapse", hp
+        if thp_setting() in ("always", "madvise"):
+            # the engine's one KV allocation (VLLM_CPU_KVCACHE_SPACE=1 GiB), once
+            assert hp["error"] is None and hp["converted"] == hp["bytes"] >= 900 << 20, hp
+        else:
+            assert hp["error"], hp
+
+
 def test_host_staging_path_token_identical(engines, tiny_model_dir, colocated, prompt_lens):
     """The GPU deployment's path, run on host memory: each engine's KV cache is
     mirrored (host_staging=true), the producer copies blocks cache -> mirror

@@ -59,6 +59,17 @@ def aligned_span(addr: int, nbytes: int) -> tuple[int, int]:
     return lo, max(0, hi - lo)
 
 
+def thp_setting() -> str:
+    """The kernel's transparent huge page setting: "always", "madvise",
+    "never", or "absent" (no THP support)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "absent"
+    return text.split("[")[1].split("]")[0] if "[" in text else text.strip()
+
+
 def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(address, bytes) spans with overlapping or touching ones merged: an
     engine's regions often share one allocation (vLLM lays every layer of a
@@ -148,6 +159,13 @@ class HugePages:
         log.info("KV memory stays on its current pages (%s); cross-process reads of it "
                  "run slower", why)
         self.done.set()
+
+    def status(self) -> dict:
+        """For metrics: the mode, bytes to convert, bytes converted, whether
+        it is over, how long it took, and why it stopped early (if it did)."""
+        return {"mode": self.mode, "bytes": self.nbytes, "converted": self.collapsed,
+                "done": self.done.is_set(), "seconds": round(self.seconds, 3),
+                "error": self.error}
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the conversion to be over; whether it is."""

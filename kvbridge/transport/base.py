@@ -116,6 +116,7 @@ class Transport(ProducerSide, ConsumerSide):
         out["held_requests"] = len(self.leases.held())
         out["refusals"] = list(self.refusals)
         out["transport"] = self.name
+        out["huge_pages"] = self.huge_pages.status()
         return out
 
     def close(self) -> None:
