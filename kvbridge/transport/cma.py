@@ -168,7 +168,8 @@ class CmaTransport(Transport):
         parallel = handle.nbytes >= PARALLEL_MIN_BYTES and THREADS > 1
         if (parallel and handle.local_slice is None and handle.remote_slice is None
                 and self._verifies(grant) and checksum.NATIVE is not None
-                and conn.remote_layout.block_bytes == self.layout.block_bytes):
+                and conn.remote_layout.block_bytes == self.layout.block_bytes
+                and len(data["regions"]) == self.layout.num_regions <= IOV_BATCH):
             return self._read_and_digest(data, handle)
         batches = self._batches(data["regions"], conn.remote_layout.block_bytes, remote_sl,
                                 handle.remote_ids, local_sl, handle.local_ids)
