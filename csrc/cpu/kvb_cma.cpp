@@ -29,11 +29,13 @@ using HashFn = uint64_t (*)(const void*, size_t, uint64_t);
 // At most this many iovecs per process_vm_readv (the kernel's IOV_MAX).
 constexpr int64_t kMaxIov = 1024;
 
-uint64_t chain_digest(HashFn hash, const uint64_t* addrs, int64_t num_regions,
-                      int64_t seg_bytes) {
+// Block i's digest; its segment r starts at addrs[r * stride + i].
+uint64_t chain_digest(HashFn hash, const uint64_t* addrs, int64_t stride, int64_t i,
+                      int64_t num_regions, int64_t seg_bytes) {
   uint64_t h = 0;
   for (int64_t r = 0; r < num_regions; ++r)
-    h = hash(reinterpret_cast<const void*>(addrs[r]), static_cast<size_t>(seg_bytes), h);
+    h = hash(reinterpret_cast<const void*>(addrs[r * stride + i]),
+             static_cast<size_t>(seg_bytes), h);
   return h;
 }
 
@@ -41,48 +43,50 @@ uint64_t chain_digest(HashFn hash, const uint64_t* addrs, int64_t num_regions,
 
 extern "C" {
 
+// Addresses come region-major, as kvbridge.cache.blocks.run_starts gives
+// them: segment r of block i starts at addrs[r * stride + i].
+
 // Read num_blocks blocks of num_regions segments of seg_bytes each from
-// process `pid`: segment r of block i goes from remote[i*num_regions + r] to
-// local[i*num_regions + r]. Blocks move batch_blocks at a time (one syscall
-// each; a batch's segments are capped at IOV_MAX); with `hash` non-null each
-// batch is digested right after it landed, digests[i] for block i.
+// process `pid`, segment by segment from `remote` to `local`, batch_blocks
+// blocks per syscall (a batch's segments capped at IOV_MAX), each batch
+// digested with `hash` right after it landed: digests[i] for block i.
 // Returns 0, -errno of a failed read, or -EIO for a short one.
-int kvb_cma_read_blocks(int pid, const uint64_t* local, const uint64_t* remote,
+int kvb_cma_read_blocks(int pid, const uint64_t* local, const uint64_t* remote, int64_t stride,
                         int64_t num_blocks, int64_t num_regions, int64_t seg_bytes,
                         int64_t batch_blocks, void* hash, uint64_t* digests) {
-  if (num_blocks < 0 || num_regions <= 0 || num_regions > kMaxIov || seg_bytes <= 0)
+  if (num_blocks < 0 || num_regions <= 0 || num_regions > kMaxIov || seg_bytes <= 0 ||
+      hash == nullptr || digests == nullptr)
     return -EINVAL;
   HashFn fn = reinterpret_cast<HashFn>(hash);
-  if (fn != nullptr && digests == nullptr) return -EINVAL;
   int64_t per = batch_blocks < 1 ? 1 : batch_blocks;
   if (per * num_regions > kMaxIov) per = kMaxIov / num_regions;
   std::vector<iovec> liov(per * num_regions), riov(per * num_regions);
   for (int64_t lo = 0; lo < num_blocks; lo += per) {
     const int64_t hi = lo + per < num_blocks ? lo + per : num_blocks;
-    const int64_t n = (hi - lo) * num_regions;
-    for (int64_t k = 0; k < n; ++k) {
-      liov[k].iov_base = reinterpret_cast<void*>(local[lo * num_regions + k]);
-      riov[k].iov_base = reinterpret_cast<void*>(remote[lo * num_regions + k]);
-      liov[k].iov_len = riov[k].iov_len = static_cast<size_t>(seg_bytes);
-    }
-    const ssize_t want = static_cast<ssize_t>(n * seg_bytes);
-    ssize_t got = process_vm_readv(pid, liov.data(), n, riov.data(), n, 0);
+    int64_t k = 0;
+    for (int64_t i = lo; i < hi; ++i)
+      for (int64_t r = 0; r < num_regions; ++r, ++k) {
+        liov[k].iov_base = reinterpret_cast<void*>(local[r * stride + i]);
+        riov[k].iov_base = reinterpret_cast<void*>(remote[r * stride + i]);
+        liov[k].iov_len = riov[k].iov_len = static_cast<size_t>(seg_bytes);
+      }
+    const ssize_t want = static_cast<ssize_t>(k * seg_bytes);
+    ssize_t got = process_vm_readv(pid, liov.data(), k, riov.data(), k, 0);
     if (got < 0) return -errno;
     if (got != want) return -EIO;
-    if (fn != nullptr)
-      for (int64_t i = lo; i < hi; ++i)
-        digests[i] = chain_digest(fn, local + i * num_regions, num_regions, seg_bytes);
+    for (int64_t i = lo; i < hi; ++i)
+      digests[i] = chain_digest(fn, local, stride, i, num_regions, seg_bytes);
   }
   return 0;
 }
 
-// digests[i] = the chained digest of block i's segments at addrs[i*num_regions + r].
-int kvb_digest_blocks(const uint64_t* addrs, int64_t num_blocks, int64_t num_regions,
-                      int64_t seg_bytes, void* hash, uint64_t* digests) {
+// digests[i] = the chained digest of block i's segments.
+int kvb_digest_blocks(const uint64_t* addrs, int64_t stride, int64_t num_blocks,
+                      int64_t num_regions, int64_t seg_bytes, void* hash, uint64_t* digests) {
   if (num_blocks < 0 || num_regions <= 0 || seg_bytes <= 0 || hash == nullptr) return -EINVAL;
   HashFn fn = reinterpret_cast<HashFn>(hash);
   for (int64_t i = 0; i < num_blocks; ++i)
-    digests[i] = chain_digest(fn, addrs + i * num_regions, num_regions, seg_bytes);
+    digests[i] = chain_digest(fn, addrs, stride, i, num_regions, seg_bytes);
   return 0;
 }
 

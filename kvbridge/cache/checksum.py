@@ -73,23 +73,15 @@ if NATIVE is not None and NATIVE[1] is None:
     NATIVE = None
 
 
-def block_addresses(regions: Sequence[tuple[int, int]], block_ids) -> np.ndarray:
-    """uint64 ``[len(block_ids), num_regions]``: where each block's piece of
-    each region starts, for ``regions`` as (base address, block stride)."""
-    bases = np.array([r[0] for r in regions], dtype=np.uint64)
-    strides = np.array([r[1] for r in regions], dtype=np.uint64)
-    ids = np.asarray(block_ids, dtype=np.uint64)
-    return np.ascontiguousarray(ids[:, None] * strides[None, :] + bases[None, :])
-
-
 def native_block_digests(cache: PagedKVCache, block_ids: Sequence[int]) -> list[int] | None:
     """``block_digests`` of whole blocks in one C call (None: not available)."""
     if NATIVE is None or not len(block_ids):
         return None
     lib, fn = NATIVE
-    addrs = block_addresses([(a, s) for a, s, _ in cache.region_addresses()], block_ids)
-    out = np.empty(len(block_ids), dtype=np.uint64)
-    rc = lib.kvb_digest_blocks(addrs.ctypes.data, len(block_ids), addrs.shape[1],
+    n = len(block_ids)
+    addrs = cache.run_starts(block_ids, None)  # region-major: region r of block i at r*n + i
+    out = np.empty(n, dtype=np.uint64)
+    rc = lib.kvb_digest_blocks(addrs.ctypes.data, n, n, cache.layout.num_regions,
                                cache.layout.block_bytes, fn, out.ctypes.data)
     if rc != 0:
         raise ValueError(f"kvb_digest_blocks failed ({rc})")
@@ -129,8 +121,6 @@ def python_block_digests(cache: PagedKVCache, block_ids: Sequence[int]) -> list[
 
 def _slice_digests(cache: PagedKVCache, block_ids: Sequence[int],
                    sl: BlockSlice) -> list[int]:
-    import numpy as np
-
     views, span = cache._slice_views(sl)
     arrays = [v.numpy() for v in views]
     out = []
@@ -146,8 +136,6 @@ def _slice_digests(cache: PagedKVCache, block_ids: Sequence[int],
 def staging_digests(staging, num_blocks: int, num_regions: int) -> list[int]:
     """The digests ``block_digests`` gives, of blocks (or slices) gathered
     region-major into ``staging`` (a uint8 tensor or array)."""
-    import numpy as np
-
     a = np.asarray(staging).reshape(num_regions, num_blocks, -1) if num_blocks else None
     out = []
     for i in range(num_blocks):

@@ -80,10 +80,12 @@ def _load_cpu() -> ctypes.CDLL | None:
     lib.kvb_cma_read_blocks.restype = ctypes.c_int
     lib.kvb_cma_read_blocks.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                        ctypes.c_void_p]
     lib.kvb_digest_blocks.restype = ctypes.c_int
     lib.kvb_digest_blocks.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                      ctypes.c_void_p]
     lib.kvb_set_stream_threshold.restype = None
     lib.kvb_set_stream_threshold.argtypes = [ctypes.c_int64]
     lib.kvb_set_stream_threshold(STREAM_BYTES)

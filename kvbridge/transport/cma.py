@@ -194,19 +194,18 @@ class CmaTransport(Transport):
         GIL); the digests become ``handle.landed_digests``."""
         lib, fn = checksum.NATIVE
         pid = data["pid"]
-        local = checksum.block_addresses(
-            [(a, s) for a, s, _ in self.cache.region_addresses()], handle.local_ids)
-        remote = checksum.block_addresses(data["regions"], handle.remote_ids)
-        n, regions = local.shape
-        seg = self.layout.block_bytes
+        seg, regions = self.layout.block_bytes, self.layout.num_regions
+        # region-major: region r of block i at [r * n + i], on both sides
+        local = self.cache.run_starts(handle.local_ids, None)
+        remote = run_starts(data["regions"], seg, handle.remote_ids, None)
+        n = len(handle.local_ids)
         batch = max(1, DIGEST_BATCH_BYTES // (seg * regions))
         digests = np.empty(n, dtype=np.uint64)
         per = -(-n // THREADS)
 
         def share(lo: int) -> None:
-            hi = min(n, lo + per)
-            rc = lib.kvb_cma_read_blocks(pid, local[lo:hi].ctypes.data, remote[lo:hi].ctypes.data,
-                                         hi - lo, regions, seg, batch, fn,
+            rc = lib.kvb_cma_read_blocks(pid, local[lo:].ctypes.data, remote[lo:].ctypes.data, n,
+                                         min(per, n - lo), regions, seg, batch, fn,
                                          digests[lo:].ctypes.data)
             if rc:
                 raise OSError(-rc, f"process_vm_readv from pid {pid}: {os.strerror(-rc)}")
