@@ -59,3 +59,37 @@ def test_native_digests_equal_the_python_ones_for_every_layout():
         # block_digests picks the C path from NATIVE_MIN_PIECES pieces up
         many = list(range(40))
         assert checksum.block_digests(cache, many) == checksum.python_block_digests(cache, many)
+
+
+def test_native_cma_read_lands_every_byte_and_its_digest_in_any_chunking():
+    """``kvb_cma_read_blocks`` (the cma backend's verified read): blocks
+    batched per syscall where a segment fits a chunk, and a segment read and
+    digested in pieces (XXH3's streaming state) where it does not - the same
+    bytes and the same digests as reading first and digesting after."""
+    import os
+
+    import numpy as np
+
+    lib, api = checksum.NATIVE
+    for kw in (dict(layers=3), dict(layers=2, regions_per_layer=2, head_size=24)):
+        src, dst = make_cache(24, seed=8, **kw), make_cache(24, seed=None, **kw)
+        seg, regions = src.layout.block_bytes, src.layout.num_regions
+        remote_ids, local_ids = [3, 9, 4, 23, 0, 11, 12], [20, 1, 2, 7, 13, 5, 6]
+        n = len(remote_ids)
+        remote = src.run_starts(remote_ids, None)
+        local = dst.run_starts(local_ids, None)
+        want = checksum.python_block_digests(src, remote_ids)
+        for chunk in (seg // 3 + 1, seg - 1, seg, 2 * seg, 64 * seg):
+            for region in dst.region_arrays():
+                region[...] = 0
+            out = np.zeros(n, dtype=np.uint64)
+            rc = lib.kvb_cma_read_blocks(os.getpid(), local.ctypes.data, remote.ctypes.data, n,
+                                         n, regions, seg, chunk, api, out.ctypes.data)
+            assert rc == 0, (chunk, rc)
+            assert out.tolist() == want, chunk
+            assert checksum.python_block_digests(dst, local_ids) == want, chunk
+        # A read of memory that is not there fails with its errno, not a crash.
+        bad = remote.copy()
+        bad[-1] = 8  # unmapped page
+        assert lib.kvb_cma_read_blocks(os.getpid(), local.ctypes.data, bad.ctypes.data, n, n,
+                                       regions, seg, seg // 2, api, out.ctypes.data) < 0

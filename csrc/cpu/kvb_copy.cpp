@@ -149,7 +149,7 @@ int run_copy(const Side& src, const Side& dst, int64_t num_regions, int64_t bloc
 
 extern "C" {
 
-int kvb_abi_version() { return 3; }
+int kvb_abi_version() { return 4; }
 
 // Copies of at least `bytes` in total use streaming stores; 0 turns them off.
 void kvb_set_stream_threshold(int64_t bytes) {

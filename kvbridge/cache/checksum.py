@@ -40,35 +40,57 @@ _digest = xxhash.xxh3_64_intdigest
 NATIVE_MIN_PIECES = 16
 
 
-def _xxh3_symbol(lib: ctypes.CDLL):
+#: The entry points C code digests with, in ``Xxh3Api``'s order
+#: (``csrc/cpu/kvb_cma.cpp``): one-shot, then the streaming state's.
+_XXH3_API = ("XXH3_64bits_withSeed", "XXH3_createState", "XXH3_freeState",
+             "XXH3_64bits_reset_withSeed", "XXH3_64bits_update", "XXH3_64bits_digest")
+
+
+def _xxh3_symbol(lib: ctypes.CDLL, name: str):
     # The package builds xxHash with runtime dispatch: ``_dispatch`` picks
     # AVX2/AVX-512 where the CPU has them (~3x the plain SSE2 entry point on
     # data in cache), which is what ``_digest`` itself calls.
     try:
-        return lib.XXH3_64bits_withSeed_dispatch
+        return getattr(lib, name + "_dispatch")
     except AttributeError:
-        return lib.XXH3_64bits_withSeed
+        return getattr(lib, name)
 
 
-def _native_hash() -> int | None:
-    """Address of XXH3_64bits_withSeed in the ``xxhash`` package's own
-    library - the function ``_digest`` calls - for C code to digest with; None
-    if it is not exported there or does not give ``_digest``'s results."""
+def _native_api() -> ctypes.Array | None:
+    """The XXH3 entry points of the ``xxhash`` package's own library - what
+    ``_digest`` calls - as a C table for ``csrc/cpu`` to digest with; None if
+    one is not exported there or they do not give ``_digest``'s results."""
     try:
-        fn = _xxh3_symbol(ctypes.CDLL(xxhash._xxhash.__file__))
+        lib = ctypes.CDLL(xxhash._xxhash.__file__)
+        oneshot, create, free, reset, update, digest = (_xxh3_symbol(lib, n) for n in _XXH3_API)
     except (OSError, AttributeError):
         return None
-    fn.restype = ctypes.c_uint64
-    fn.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint64]
+    oneshot.restype = digest.restype = ctypes.c_uint64
+    oneshot.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint64]
+    create.restype = ctypes.c_void_p
+    free.argtypes = digest.argtypes = [ctypes.c_void_p]
+    reset.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
+    update.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     probe = bytes(range(256)) * 300  # past every size class of XXH3
-    for n in (0, 17, 200, len(probe)):
-        if fn(probe[:n], n, 12345) != _digest(probe[:n], 12345):
-            return None
-    return ctypes.cast(fn, ctypes.c_void_p).value
+    state = create()
+    if not state:
+        return None
+    try:
+        for n in (0, 17, 200, len(probe)):
+            want = _digest(probe[:n], 12345)
+            reset(state, 12345)
+            for lo in range(0, n, 4099):  # streamed in pieces: the same digest
+                update(state, probe[lo:min(n, lo + 4099)], min(n, lo + 4099) - lo)
+            if oneshot(probe[:n], n, 12345) != want or digest(state) != want:
+                return None
+    finally:
+        free(state)
+    fns = (oneshot, create, free, reset, update, digest)
+    return (ctypes.c_void_p * len(fns))(*(ctypes.cast(f, ctypes.c_void_p).value for f in fns))
 
 
-#: (C library, hash address) when digests can run in C, else None
-NATIVE = (kernels.cpu_lib(), _native_hash()) if kernels.cpu_lib() is not None else None
+#: (C library, XXH3 table) when digests can run in C, else None
+NATIVE = (kernels.cpu_lib(), _native_api()) if kernels.cpu_lib() is not None else None
 if NATIVE is not None and NATIVE[1] is None:
     NATIVE = None
 
@@ -77,12 +99,12 @@ def native_block_digests(cache: PagedKVCache, block_ids: Sequence[int]) -> list[
     """``block_digests`` of whole blocks in one C call (None: not available)."""
     if NATIVE is None or not len(block_ids):
         return None
-    lib, fn = NATIVE
+    lib, api = NATIVE
     n = len(block_ids)
     addrs = cache.run_starts(block_ids, None)  # region-major: region r of block i at r*n + i
     out = np.empty(n, dtype=np.uint64)
     rc = lib.kvb_digest_blocks(addrs.ctypes.data, n, n, cache.layout.num_regions,
-                               cache.layout.block_bytes, fn, out.ctypes.data)
+                               cache.layout.block_bytes, api, out.ctypes.data)
     if rc != 0:
         raise ValueError(f"kvb_digest_blocks failed ({rc})")
     return out.tolist()

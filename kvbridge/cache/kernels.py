@@ -34,7 +34,7 @@ NUM_THREADS = int(os.environ.get("KVBRIDGE_KERNEL_THREADS", min(8, os.cpu_count(
 STREAM_BYTES = int(os.environ.get("KVBRIDGE_KERNEL_NT_BYTES", 4 << 20))
 #: The C ABIs of csrc/cpu/kvb_copy.cpp and csrc/cuda/kvb_copy.cu this module
 #: calls; an older build is not used.
-CPU_ABI_VERSION = 3
+CPU_ABI_VERSION = 4
 CUDA_ABI_VERSION = 2
 
 
