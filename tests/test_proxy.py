@@ -49,7 +49,8 @@ def servers(tiny_model_dir, tmp_path_factory):
 @pytest.fixture
 def proxy(servers):
     p, d, logs = servers
-    px = Proxy([p.url], [d.url], log_dir=logs)
+    px = Proxy([p.url], [d.url], "--request-log", str(logs / "proxy-requests.jsonl"),
+               log_dir=logs)
     yield px
     px.stop()
 
@@ -158,9 +159,20 @@ def test_streaming_token_by_token(servers, proxy, path, body):
                            if stream_text(sse_events([line])))
         spreads.append(arrivals[-1] - first_token)
         if spreads[-1] >= 0.25 * whole_s:
-            return
-    pytest.fail(f"every answer arrived within {max(spreads) * 1e3:.1f} ms of its first token "
-                f"while decode takes {whole_s * 1e3:.0f} ms to make it: the proxy buffered")
+            break
+    else:
+        pytest.fail(f"every answer arrived within {max(spreads) * 1e3:.1f} ms of its first "
+                    f"token while decode takes {whole_s * 1e3:.0f} ms to make it: the proxy "
+                    "buffered")
+    # Each request's timeline (--request-log): the prefill's round trip, then
+    # the hop to decode's first token, which add up to the TTFT the proxy saw.
+    _, _, logs = servers
+    last = json.loads((logs / "proxy-requests.jsonl").read_text().splitlines()[-1])
+    assert last["stream"] and last["mode"] == "disaggregated", last
+    assert 0 < last["prefill_ms"] and 0 < last["hop_ms"] < last["ttft_ms"], last
+    assert last["prefill_ms"] + last["hop_ms"] <= last["ttft_ms"] + 1, last
+    prom = httpx.get(proxy.url + "/metrics", timeout=10).text
+    assert re.search(r"^kvbridge_proxy_hop_seconds_count [1-9]", prom, re.M), prom
 
 
 def test_bad_client_input_gets_openai_errors(proxy):

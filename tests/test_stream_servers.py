@@ -49,7 +49,8 @@ def servers(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def proxy(servers):
     p, d, logs = servers
-    px = Proxy([p.url], [d.url], "--kv-mode", "stream", log_dir=logs)
+    px = Proxy([p.url], [d.url], "--kv-mode", "stream", "--request-log",
+               str(logs / "proxy-requests.jsonl"), log_dir=logs)
     yield px
     px.stop()
 
@@ -115,6 +116,16 @@ def test_streamed_sse_answer_is_token_identical(servers, proxy, colocated):
                     parts.append(event["choices"][0].get("text") or "")
     assert "".join(parts) == colocated
     assert sources(d)["local_compute"] == before["local_compute"]
+    # The proxy timed it: its prefill answered in the background, decode's
+    # first token came after that prefill's KV - one line, one hop observed.
+    _, _, logs = servers
+    lines = [json.loads(x) for x in (logs / "proxy-requests.jsonl").read_text().splitlines()]
+    streamed = [x for x in lines if x["stream"]]
+    assert streamed and streamed[-1]["mode"] == "streamed", lines
+    last = streamed[-1]
+    assert last["prefill_ms"] > 0 and last["ttft_ms"] > 0, last
+    assert abs(last["ttft_ms"] - last["prefill_ms"] - last["hop_ms"]) < 50, last
+    assert metric_sum(proxy.url, "kvbridge_proxy_hop_seconds_count") >= 1
 
 
 def test_a_stream_nobody_publishes_fails_the_load_not_the_engine(servers, colocated):

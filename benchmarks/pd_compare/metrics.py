@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -93,6 +95,7 @@ class Probe:
     def __init__(self, st: Stack):
         self.st = st
         self.before = self._snap()
+        self._requests_at = _size(st.proxy_requests)
 
     def _snap(self) -> dict:
         snap = {s.name.split("-")[0]: scrape(s.url) for s in self.st.servers}
@@ -120,6 +123,7 @@ class Probe:
                                 if n.startswith("kvbridge_proxy_failures")),
                 "fallbacks": sum(v for (n, _), v in p.items()
                                  if n.startswith("kvbridge_proxy_fallback_requests")),
+                **request_figures(self.st.proxy_requests, self._requests_at),
             }
         for role in ("colocated", "prefill", "decode"):
             if role not in d:
@@ -138,3 +142,35 @@ class Probe:
 
 def _ms(s: float | None) -> float | None:
     return None if s is None else s * 1e3
+
+
+def _size(path) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except OSError:
+        return 0
+
+
+def request_figures(path, offset: int) -> dict:
+    """Per-request figures from the proxy's ``--request-log`` lines written
+    since ``offset``: the hop (prefill's answer to decode's first token, on
+    the proxy's one clock) of each streamed response, median over the
+    requests - as issue 16 defines it - with the 10th and 90th percentiles
+    (nearest rank) for its spread."""
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            records = [json.loads(x) for x in f.read().decode().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return {}
+    hops = sorted(r["hop_ms"] for r in records if r.get("stream"))
+    if not hops:
+        return {}
+
+    def rank(p: float) -> float:
+        return hops[max(0, min(len(hops) - 1, math.ceil(p * len(hops)) - 1))]
+
+    return {"hop_p50_ms": statistics.median(hops), "hop_p10_ms": rank(0.1),
+            "hop_p90_ms": rank(0.9), "hop_n": len(hops)}

@@ -88,9 +88,10 @@ def headline_table(pd: list[dict], plan: dict, summary: dict) -> list[str]:
     """The overheads and ratios against colocated and NIXL: a legend and a table."""
     text = ("TTFT overhead of disaggregation = P/D TTFT p50 - colocated TTFT p50 (ms); "
             "kvb/NIXL = kvbridge overhead / NIXL overhead (target <= 0.5); "
-            "P/D / coloc = TTFT p50 ratio (target <= 1.10 at ~2k); hop = mean TTFT minus "
-            "the mean prefill round trip (what disaggregation adds besides the prefill "
-            "itself, free of the colocated instance's different core count), hop kvb/NIXL "
+            "P/D / coloc = TTFT p50 ratio (target <= 1.10 at ~2k); hop = per request, the "
+            "time from the prefill instance's answer to decode's first token at the proxy "
+            "(what disaggregation adds besides the prefill itself, free of the colocated "
+            "instance's different core count), median over the requests; hop kvb/NIXL "
             "its ratio:")
     heads2 = ["config"]
     for L in plan["w1_lengths"]:
@@ -134,17 +135,22 @@ def breakdown_table(results: list[dict], plan: dict, summary: dict) -> str:
                                                                      "{:.3f}"),
                           fmt(b.get("prefill")), fmt(b.get("kv_transfer"), "{:.2f}"),
                           fmt(b.get("decode_rest")), fmt(b.get("decode_queue")),
-                          fmt(b.get("client_gap")), fmt(b.get("hop"))])
+                          fmt(b.get("client_gap")), fmt(b.get("hop_of_means")),
+                          fmt(b.get("hop")) + (f" [{fmt(b['hop_p10'])}-{fmt(b['hop_p90'])}]"
+                                               if b.get("hop_p10") is not None else "")])
     return (
         "Where the TTFT goes (means over workload 1, ms). P/D: client TTFT = proxy overhead + "
         "prefill (round trip to the prefill instance, max_tokens=1, from the proxy's histogram) "
         "+ KV transfer + decode rest (decode instance after the transfer: scheduling, first "
         "decode step, first chunk through the proxy; 'of which queue' = "
-        "vllm:request_queue_time there) + client gap (client TTFT - proxy TTFT); hop = client "
-        "TTFT - prefill = everything disaggregation adds besides running the prefill. "
+        "vllm:request_queue_time there) + client gap (client TTFT - proxy TTFT); hop of means = "
+        "client TTFT - prefill = everything disaggregation adds besides running the prefill; "
+        "hop p50 = the same per request (prefill's answer to decode's first token at the "
+        "proxy), median [10th-90th percentile] over the requests. "
         "Colocated: prefill = vllm:request_prefill_time, queue = vllm:request_queue_time:\n"
         + table(["config", "prompt", "client TTFT", "proxy ovh", "prefill", "KV xfer",
-                 "decode rest", "of which queue", "client gap", "hop"], rows3))
+                 "decode rest", "of which queue", "client gap", "hop of means",
+                 "hop p50 [p10-p90]"], rows3))
 
 
 def crosscheck_table(results: list[dict], plan: dict) -> str:

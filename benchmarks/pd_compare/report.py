@@ -108,7 +108,13 @@ def breakdown(r: dict, name: str) -> dict:
             "decode_rest": dec_first - xf if None not in (dec_first, xf) else dec_first,
             "decode_queue": get(wl, "server", "decode", "queue_mean_ms"),
             "client_gap": cm - pt if None not in (cm, pt) else None,
-            "hop": cm - pre if None not in (cm, pre) else None}
+            # The hop as issue 16 defines it: per request, prefill's answer
+            # to decode's first token (the proxy's --request-log), median
+            # over the requests; the difference of means where there is none
+            # (results recorded before the proxy logged requests).
+            "hop": px.get("hop_p50_ms", cm - pre if None not in (cm, pre) else None),
+            "hop_p10": px.get("hop_p10_ms"), "hop_p90": px.get("hop_p90_ms"),
+            "hop_of_means": cm - pre if None not in (cm, pre) else None}
 
 
 def summarize_results(results: list[dict], plan: dict) -> dict:

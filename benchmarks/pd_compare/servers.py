@@ -38,6 +38,8 @@ class Stack:
     proxy: subprocess.Popen | None = None
     proxy_url: str | None = None
     proxy_log: Path | None = None
+    #: the proxy's ``--request-log``: one JSON line per request (its hop)
+    proxy_requests: Path | None = None
 
     @property
     def endpoint(self) -> str:
@@ -108,6 +110,8 @@ def start_proxy(st: Stack, log_dir: Path) -> None:
     for s in st.servers:
         cmd += ["--prefill" if s.name.startswith("prefill") else "--decode", s.url]
     st.proxy_log = log_dir / f"proxy-{st.cfg.key}-{port}.log"
+    st.proxy_requests = log_dir / f"proxy-{st.cfg.key}-{port}-requests.jsonl"
+    cmd += ["--request-log", str(st.proxy_requests)]
     with open(st.proxy_log, "wb") as f:
         st.proxy = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True, stdin=subprocess.DEVNULL)

@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "computes it (KVBridgeConnector), or registers for prefill to write it "
                    "(vLLM's NixlPushConnector, after its first answer); other prefill "
                    "instances are pulled from")
+    p.add_argument("--request-log", metavar="PATH",
+                   help="append one JSON line per disaggregated request to PATH: its prefill "
+                   "round trip, TTFT and hop (prefill's answer to decode's first token), "
+                   "in ms")
     p.add_argument("--log-level", default="info")
 
 
@@ -47,7 +51,8 @@ def _load_config(args: argparse.Namespace) -> None:
         path.read_text())
     args.prefill = list(args.prefill) + list(data.get("prefill", []))
     args.decode = list(args.decode) + list(data.get("decode", []))
-    for key in ("host", "port", "policy", "health_interval", "startup_wait", "kv_mode"):
+    for key in ("host", "port", "policy", "health_interval", "startup_wait", "kv_mode",
+                "request_log"):
         if key in data:
             setattr(args, key, data[key])
 
@@ -82,7 +87,8 @@ def main(args: argparse.Namespace) -> int:
     from kvbridge.serve.proxy.app import create_app
 
     app = create_app(args.prefill, args.decode, policy=args.policy,
-                     health_interval_s=args.health_interval, kv_mode=args.kv_mode)
+                     health_interval_s=args.health_interval, kv_mode=args.kv_mode,
+                     request_log=args.request_log)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 access_log=False)
     return 0

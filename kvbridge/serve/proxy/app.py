@@ -74,16 +74,20 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 
 def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-outstanding",
                health_interval_s: float = 2.0, startup_wait_s: float = 0.0,
-               request_timeout_s: float = 600.0, kv_mode: str = "pull") -> FastAPI:
+               request_timeout_s: float = 600.0, kv_mode: str = "pull",
+               request_log: str | None = None) -> FastAPI:
     """``kv_mode``: ``pull`` - decode gets the request once prefill answered
     and reads its KV; ``stream`` - both get it at once and decode reads the
     KV while prefill computes it (``kvbridge.vllm.stream``), or, with vLLM's
     NixlPushConnector, registers its blocks for prefill to write into once
     the instance's first answer named its coordinates; any other prefill
-    instance is pulled from."""
+    instance is pulled from. ``request_log``: a file to append one JSON line
+    per disaggregated request to (``RequestTimeline``)."""
     if kv_mode not in KV_MODES:
         raise ValueError(f"kv_mode must be one of {KV_MODES}, got {kv_mode!r}")
     metrics = ProxyMetrics()
+    if request_log:
+        metrics.open_request_log(request_log)
     #: background prefills of streamed requests (kept referenced until done)
     state: dict = {"prefills": set()}
 
@@ -107,6 +111,7 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         finally:
             await pool.stop()
             await client.aclose()
+            metrics.close()
 
     app = FastAPI(title="kvbridge proxy", lifespan=lifespan)
     app.state.metrics = metrics
@@ -165,6 +170,7 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
             headers["Authorization"] = auth
         figures: dict = {"X-Request-Id": request_id}
         stream = bool(body.get("stream"))
+        timeline = metrics.timeline(request_id, t_arrival, stream)
 
         # -- prefill ------------------------------------------------------
         kv_params = None
@@ -174,7 +180,7 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
             prefill = pool.pick("prefill")
             if prefill is not None and (can_stream(prefill) or prefill.push_coords):
                 kv_params = start_streamed_prefill(request, client, prefill, path, body,
-                                                   headers, request_id)
+                                                   headers, request_id, timeline)
                 figures["X-KVBridge-Prefill-Backend"] = prefill.url
                 mode = "streamed"
         while mode != "streamed":
@@ -188,7 +194,7 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
             tried.add(prefill.url)
             try:
                 kv_params, prefill_s = await run_prefill(request, client, prefill, path, body,
-                                                         headers)
+                                                         headers, timeline=timeline)
                 if kv_mode == "stream" and (kv_params or {}).get("transfer_mode") == "push":
                     # vLLM's NixlPushConnector: from now on decode registers at once.
                     prefill.push_coords = push_coords(kv_params)
@@ -210,7 +216,7 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
                 prefill.healthy = False
                 prefill.last_error = str(e)
                 metrics.backend_changed(prefill)
-        figures["X-KVBridge-Mode"] = mode
+        figures["X-KVBridge-Mode"] = timeline.mode = mode
         if kv_params:
             nbytes = estimate_kv_bytes(kv_params, pool)
             if nbytes is not None:
@@ -238,13 +244,14 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         metrics.overhead(overhead)
         if stream:
             return StreamingResponse(
-                stream_decode(client, decode, path, d_body, headers, kind, t_arrival),
+                stream_decode(client, decode, path, d_body, headers, kind, t_arrival,
+                              timeline),
                 media_type="text/event-stream", headers=figures)
         return await complete_decode(request, client, decode, path, d_body, headers, kind,
-                                     figures, t_arrival)
+                                     figures, t_arrival, timeline)
 
     def start_streamed_prefill(request: Request, client, prefill: Backend, path: str,
-                               body: dict, headers: dict, request_id: str) -> dict:
+                               body: dict, headers: dict, request_id: str, timeline) -> dict:
         """Send the prefill in the background; return decode's kv_transfer_params.
         A failed prefill fails decode's load (its producer refuses or is gone),
         and vLLM's kv_load_failure_policy applies there."""
@@ -262,7 +269,7 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         async def run() -> None:
             try:
                 _, prefill_s = await run_prefill(request, client, prefill, path, body, headers,
-                                                 kv_params=p_params)
+                                                 kv_params=p_params, timeline=timeline)
                 metrics.prefill_latency(prefill_s)
             except (ClientDisconnected, ClientError) as e:
                 logger.info("kvbridge proxy: streamed prefill of %s ended: %s", request_id,
@@ -281,7 +288,7 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         return d_params
 
     async def run_prefill(request: Request, client, prefill: Backend, path: str, body: dict,
-                          headers: dict, kv_params: dict | None = None):
+                          headers: dict, kv_params: dict | None = None, timeline=None):
         p_body = dict(body, max_tokens=1, stream=False,
                       kv_transfer_params=dict(kv_params or PREFILL_KV_PARAMS))
         if "max_completion_tokens" in p_body:
@@ -290,6 +297,8 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
             p_body.pop(key, None)
         prefill.outstanding += 1
         t0 = time.perf_counter()
+        if timeline is not None:
+            timeline.prefill_sent()
         try:
             r = await post_unless_disconnected(request, client, prefill.url + path, p_body,
                                                headers)
@@ -300,10 +309,12 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
             raise ClientError(r.status_code, _error_message(r), type_="invalid_request_error")
         if r.status_code != 200:
             raise BackendError(f"HTTP {r.status_code}: {_error_message(r)}")
+        if timeline is not None:
+            timeline.prefill_answered()
         return r.json().get("kv_transfer_params"), time.perf_counter() - t0
 
     async def complete_decode(request, client, decode: Backend, path, d_body, headers, kind,
-                              figures, t_arrival) -> Response:
+                              figures, t_arrival, timeline) -> Response:
         decode.outstanding += 1
         t0 = time.perf_counter()
         try:
@@ -327,6 +338,7 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         finally:
             decode.outstanding -= 1
         decode.served += 1
+        timeline.first_token()
         elapsed = time.perf_counter() - t0
         metrics.decode_latency(elapsed)
         metrics.ttft(time.perf_counter() - t_arrival)
@@ -345,7 +357,8 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         return Response(r.content, status_code=r.status_code, headers=out_headers,
                         media_type=r.headers.get("content-type", "application/json"))
 
-    async def stream_decode(client, decode: Backend, path, d_body, headers, kind, t_arrival):
+    async def stream_decode(client, decode: Backend, path, d_body, headers, kind, t_arrival,
+                            timeline):
         decode.outstanding += 1
         t_last = None
         status = 200
@@ -367,6 +380,7 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
                     if line.startswith("data:"):
                         if t_last is None:
                             metrics.ttft(now - t_arrival)
+                            timeline.first_token()
                         else:
                             metrics.itl(now - t_last)
                         t_last = now

@@ -1,7 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Prometheus metrics of ``kvbridge proxy`` (served on ``GET /metrics``)."""
+"""Prometheus metrics of ``kvbridge proxy`` (served on ``GET /metrics``), and
+each request's timeline (``RequestTimeline``): the hop, and the optional
+per-request log (``--request-log``)."""
 
 from __future__ import annotations
+
+import json
+import threading
+import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -30,6 +36,11 @@ class ProxyMetrics:
                                   buckets=_LAT, registry=r)
         self._decode = Histogram("kvbridge_proxy_decode_seconds", "Decode request latency",
                                  buckets=_LAT, registry=r)
+        self._hop = Histogram("kvbridge_proxy_hop_seconds", "Streamed responses: from the "
+                              "prefill instance's answer to decode's first token - what "
+                              "disaggregation adds to TTFT besides the prefill (the KV "
+                              "transfer, decode's scheduling and first step)",
+                              buckets=_LAT, registry=r)
         self._overhead = Histogram("kvbridge_proxy_overhead_seconds", "Time the proxy itself "
                                    "adds before the decode request (parsing, picking)",
                                    buckets=_OVH, registry=r)
@@ -45,6 +56,35 @@ class ProxyMetrics:
                               "pulled it", ["prefill", "decode"], registry=r)
         self._healthy = Gauge("kvbridge_proxy_backend_healthy", "1 if the backend is in "
                               "rotation", ["role", "url"], registry=r)
+        #: ``--request-log``: one JSON line per request with both milestones
+        self._request_log = None
+        self._log_lock = threading.Lock()
+
+    def open_request_log(self, path: str) -> None:
+        self._request_log = open(path, "a", buffering=1)  # noqa: SIM115 - open for the app's life
+
+    def close(self) -> None:
+        if self._request_log is not None:
+            self._request_log.close()
+            self._request_log = None
+
+    def timeline(self, request_id: str, t_arrival: float, stream: bool) -> RequestTimeline:
+        return RequestTimeline(self, request_id, t_arrival, stream)
+
+    def _timeline_done(self, tl: RequestTimeline) -> None:
+        hop = tl.t_first_token - tl.t_prefill
+        if tl.stream:
+            self._hop.observe(max(0.0, hop))
+        if self._request_log is not None:
+            line = json.dumps({
+                "id": tl.request_id, "mode": tl.mode, "stream": tl.stream,
+                "time": round(time.time(), 3),
+                "prefill_ms": round((tl.t_prefill - tl.t_prefill_sent) * 1e3, 3),
+                "hop_ms": round(hop * 1e3, 3),
+                "ttft_ms": round((tl.t_first_token - tl.t_arrival) * 1e3, 3)})
+            with self._log_lock:
+                if self._request_log is not None:
+                    self._request_log.write(line + "\n")
 
     def request_done(self, endpoint: str, status: int) -> None:
         self._requests.labels(endpoint, str(status)).inc()
@@ -81,3 +121,42 @@ class ProxyMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestTimeline:
+    """One disaggregated request's milestones at the proxy (``perf_counter``
+    seconds, one clock): the prefill sent and answered, and decode's first
+    token (a streamed response's first chunk; a whole response otherwise).
+    The hop - first token minus prefill answer - is recorded once both are
+    known, in whichever order they come: a streamed-KV request's prefill
+    answers in the background, possibly after decode's first token."""
+
+    __slots__ = ("_owner", "request_id", "t_arrival", "stream", "mode", "t_prefill_sent",
+                 "t_prefill", "t_first_token", "_done")
+
+    def __init__(self, owner: ProxyMetrics, request_id: str, t_arrival: float, stream: bool):
+        self._owner = owner
+        self.request_id, self.t_arrival, self.stream = request_id, t_arrival, stream
+        self.mode = "disaggregated"
+        self.t_prefill_sent: float | None = None
+        self.t_prefill: float | None = None
+        self.t_first_token: float | None = None
+        self._done = False
+
+    def prefill_sent(self) -> None:
+        self.t_prefill_sent = time.perf_counter()
+
+    def prefill_answered(self) -> None:
+        self.t_prefill = time.perf_counter()
+        self._maybe_done()
+
+    def first_token(self) -> None:
+        if self.t_first_token is None:
+            self.t_first_token = time.perf_counter()
+            self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if (not self._done and self.t_prefill is not None and self.t_first_token is not None
+                and self.t_prefill_sent is not None):
+            self._done = True
+            self._owner._timeline_done(self)
