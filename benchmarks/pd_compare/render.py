@@ -137,7 +137,8 @@ def breakdown_table(results: list[dict], plan: dict, summary: dict) -> str:
                           fmt(b.get("decode_rest")), fmt(b.get("decode_queue")),
                           fmt(b.get("client_gap")), fmt(b.get("hop_of_means")),
                           fmt(b.get("hop")) + (f" [{fmt(b['hop_p10'])}-{fmt(b['hop_p90'])}]"
-                                               if b.get("hop_p10") is not None else "")])
+                                               if b.get("hop_p10") is not None else ""),
+                          fmt(b.get("hop_beyond_step"))])
     return (
         "Where the TTFT goes (means over workload 1, ms). P/D: client TTFT = proxy overhead + "
         "prefill (round trip to the prefill instance, max_tokens=1, from the proxy's histogram) "
@@ -146,11 +147,13 @@ def breakdown_table(results: list[dict], plan: dict, summary: dict) -> str:
         "vllm:request_queue_time there) + client gap (client TTFT - proxy TTFT); hop of means = "
         "client TTFT - prefill = everything disaggregation adds besides running the prefill; "
         "hop p50 = the same per request (prefill's answer to decode's first token at the "
-        "proxy), median [10th-90th percentile] over the requests. "
+        "proxy), median [10th-90th percentile] over the requests; beyond step = hop p50 - "
+        "the configuration's ITL p50 at that prompt length (decode's own step, which grows "
+        "with the context whatever the connector does). "
         "Colocated: prefill = vllm:request_prefill_time, queue = vllm:request_queue_time:\n"
         + table(["config", "prompt", "client TTFT", "proxy ovh", "prefill", "KV xfer",
                  "decode rest", "of which queue", "client gap", "hop of means",
-                 "hop p50 [p10-p90]"], rows3))
+                 "hop p50 [p10-p90]", "beyond step"], rows3))
 
 
 def crosscheck_table(results: list[dict], plan: dict) -> str:
