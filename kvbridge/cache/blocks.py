@@ -162,14 +162,21 @@ class PagedKVCache:
         # A region whose blocks are padded apart keeps its stride.
         self._byte_views = [_as_block_bytes(t, layout.block_bytes) for t in views]
         self._np_views: list | None = None
+        self._region_addresses: list[tuple[int, int, int]] | None = None
         #: (offset, length, rows) -> (row views, rows per block stride); see ``_slice_views``
         self._slice_views_cache: dict[tuple[int, int, int], tuple[list[torch.Tensor], int]] = {}
 
     # -- addresses, for transports that read memory directly (CMA, NIXL) --
     def region_addresses(self) -> list[tuple[int, int, int]]:
         """(base address, block stride in bytes, total bytes) per region."""
-        return [(v.data_ptr(), v.stride(0), v.stride(0) * (self.num_blocks - 1) + self.layout.block_bytes)
+        if self._region_addresses is None:
+            # Computed once: the views never move, and the torch calls cost
+            # ~1 us a region on every small pull.
+            self._region_addresses = [
+                (v.data_ptr(), v.stride(0),
+                 v.stride(0) * (self.num_blocks - 1) + self.layout.block_bytes)
                 for v in self._byte_views]
+        return self._region_addresses
 
     @property
     def byte_views(self) -> list[torch.Tensor]:

@@ -80,16 +80,22 @@ def host_identity() -> dict:
     return {"boot_id": read("/proc/sys/kernel/random/boot_id"), "pidns": pidns}
 
 
-def _iov_array(spans) -> np.ndarray:
-    """struct iovec[] (void *base, size_t len) as a C-ordered uint64 array."""
-    return np.ascontiguousarray(np.asarray(spans, dtype=np.uint64).reshape(-1, 2))
+def _iov_array(spans):
+    """struct iovec[] (void *base, size_t len) of ``spans``: (array, count,
+    total bytes); the array passes as a pointer (keep it referenced through
+    the call). A short Python list goes through ctypes, which costs less than
+    numpy's conversions there."""
+    if isinstance(spans, np.ndarray):
+        a = np.ascontiguousarray(spans, dtype=np.uint64).reshape(-1, 2)
+        return a.ctypes.data_as(ctypes.c_void_p), len(a), int(a[:, 1].sum())
+    flat = [x for span in spans for x in span]
+    return (ctypes.c_uint64 * len(flat))(*flat), len(spans), sum(flat[1::2])
 
 
-def read_remote(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, int]]) -> None:
+def read_remote(pid: int, local, remote) -> None:
     """One process_vm_readv; raises OSError unless every byte arrived."""
-    liov, riov = _iov_array(local), _iov_array(remote)
-    want = int(liov[:, 1].sum())
-    got = _readv(pid, liov.ctypes.data, len(liov), riov.ctypes.data, len(riov), 0)
+    (liov, nl, want), (riov, nr, _) = _iov_array(local), _iov_array(remote)
+    got = _readv(pid, liov, nl, riov, nr, 0)
     if got < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"process_vm_readv from pid {pid}: {os.strerror(err)}")
