@@ -338,7 +338,8 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         finally:
             decode.outstanding -= 1
         decode.served += 1
-        timeline.first_token()
+        if r.status_code == 200:
+            timeline.first_token()  # a whole answer: its first token came with it
         elapsed = time.perf_counter() - t0
         metrics.decode_latency(elapsed)
         metrics.ttft(time.perf_counter() - t_arrival)
