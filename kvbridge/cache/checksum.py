@@ -118,33 +118,34 @@ def native_block_digests(cache: PagedKVCache, block_ids: Sequence[int]) -> list[
     seg, regions = cache.layout.block_bytes, cache.layout.num_regions
     addrs = cache.run_starts(block_ids, None)  # region-major: region r of block i at r*n + i
     out = np.empty(n, dtype=np.uint64)
-    threads = PARALLEL_THREADS if n * seg * regions >= PARALLEL_MIN_BYTES else 1
-    per = -(-n // max(1, threads))
 
-    def share(lo: int) -> None:
-        rc = lib.kvb_digest_blocks(addrs[lo:].ctypes.data, n, min(per, n - lo), regions, seg,
+    def share(lo: int, count: int) -> None:
+        rc = lib.kvb_digest_blocks(addrs[lo:].ctypes.data, n, count, regions, seg,
                                    api, out[lo:].ctypes.data)
         if rc != 0:
             raise ValueError(f"kvb_digest_blocks failed ({rc})")
 
-    if threads > 1 and n > 1:
-        list(_pool().map(share, range(0, n, per)))
-    else:
-        share(0)
+    run_shares(share, n, PARALLEL_THREADS if n * seg * regions >= PARALLEL_MIN_BYTES else 1)
     return out.tolist()
 
 
-_digest_pool: ThreadPoolExecutor | None = None
+_pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _digest_pool
+def run_shares(share, n: int, threads: int) -> None:
+    """``share(lo, count)`` over ``[0, n)`` cut into ``threads`` shares, run on
+    a pool of ``PARALLEL_THREADS`` (one share: on this thread). For C calls
+    that release the GIL: digests here, the cma backend's read-and-digest."""
+    global _pool
+    per = -(-n // max(1, threads)) if n else 1
+    if threads <= 1 or n <= per:
+        share(0, n)
+        return
     with _pool_lock:
-        if _digest_pool is None:
-            _digest_pool = ThreadPoolExecutor(PARALLEL_THREADS,
-                                              thread_name_prefix="kvb-digest")
-        return _digest_pool
+        if _pool is None:
+            _pool = ThreadPoolExecutor(PARALLEL_THREADS, thread_name_prefix="kvb-digest")
+    list(_pool.map(lambda lo: share(lo, min(per, n - lo)), range(0, n, per)))
 
 
 def supported(cache: PagedKVCache) -> bool:

@@ -209,22 +209,16 @@ class CmaTransport(Transport):
         remote = run_starts(data["regions"], seg, handle.remote_ids, None)
         n = len(handle.local_ids)
         digests = np.empty(n, dtype=np.uint64)
-        per = max(1, -(-n // threads))
 
-        def share(lo: int) -> None:
+        def share(lo: int, count: int) -> None:
             rc = lib.kvb_cma_read_blocks(pid, local[lo:].ctypes.data, remote[lo:].ctypes.data, n,
-                                         min(per, n - lo), regions, seg, DIGEST_CHUNK_BYTES, api,
+                                         count, regions, seg, DIGEST_CHUNK_BYTES, api,
                                          digests[lo:].ctypes.data)
             if rc:
                 raise OSError(-rc, f"process_vm_readv from pid {pid}: {os.strerror(-rc)}")
 
         try:
-            if threads > 1:
-                if self._pool is None:
-                    self._pool = cf.ThreadPoolExecutor(THREADS, thread_name_prefix="kvb-cma")
-                list(self._pool.map(share, range(0, n, per)))
-            else:
-                share(0)
+            checksum.run_shares(share, n, threads)
         except OSError as e:
             handle._set_error(f"reading producer memory failed: {e.strerror or e}",
                               ErrorCode.TRANSFER)
