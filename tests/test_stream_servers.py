@@ -118,9 +118,17 @@ def test_streamed_sse_answer_is_token_identical(servers, proxy, colocated):
     assert sources(d)["local_compute"] == before["local_compute"]
     # The proxy timed it: its prefill answered in the background, decode's
     # first token came after that prefill's KV - one line, one hop observed.
+    # The line is written at the later of the two events, and a streamed
+    # prefill's answer may come after decode's last chunk reached us: wait.
     _, _, logs = servers
-    lines = [json.loads(x) for x in (logs / "proxy-requests.jsonl").read_text().splitlines()]
-    streamed = [x for x in lines if x["stream"]]
+    deadline = time.monotonic() + 60
+    while True:
+        lines = [json.loads(x)
+                 for x in (logs / "proxy-requests.jsonl").read_text().splitlines()]
+        streamed = [x for x in lines if x["stream"]]
+        if streamed or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert streamed and streamed[-1]["mode"] == "streamed", lines
     last = streamed[-1]
     assert last["prefill_ms"] > 0 and last["ttft_ms"] > 0, last
