@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 
-import numpy as np
 
 from kvbridge import protocol as P
 from kvbridge.cache.shard import paired_slices
@@ -143,9 +142,12 @@ class NixlTransport(Transport):
     def _send_pull(self, conn, grant: P.PullGrant, ids: list[int], state: ServerConn,
                    block_slice=None) -> None:
         self._serving[id(state)] = state
-        if self._prod is not None:
-            self._prod.wake()  # poll (and progress) fast until the read is done
         send_grant(self, conn, grant)
+        # Then poll (and progress) fast until the read is done. After the
+        # grant, not before: woken first, the agent thread took the GIL while
+        # the grant was being sent, and the grant waited for it.
+        if self._prod is not None:
+            self._prod.wake()
 
     def _server_conn_closed(self, state: ServerConn) -> None:
         self._serving.pop(id(state), None)
@@ -218,14 +220,13 @@ class NixlTransport(Transport):
         data: PeerData = conn.data
         if not check_grant(handle, grant, data.num_blocks):
             return False
-        remote_ids = np.asarray(handle.remote_ids, dtype=np.int64)
         with data.lock:
             if data.closed:
                 handle._set_error("connection to the producer closed", ErrorCode.PEER_GONE)
                 return False
             data.busy = True
         try:
-            return self._read(conn, data, handle, remote_ids)
+            return self._read(conn, data, handle, handle.remote_ids)
         finally:
             with data.lock:
                 data.busy = False
@@ -234,7 +235,7 @@ class NixlTransport(Transport):
                 self._release_peer(data)
 
     def _read(self, conn: PeerConnection, data: PeerData, handle: TransferHandle,
-              remote_ids: np.ndarray) -> bool:
+              remote_ids: list[int]) -> bool:
         engine = self._cons
         if engine is None:
             handle._set_error("transport closed", ErrorCode.TRANSFER)
