@@ -19,6 +19,7 @@ from conftest import TRANSPORT_BACKENDS
 from helpers.procs import ENV, NUM_BLOCKS, Producer, sigstop, stopped  # noqa: F401 - shared
 from helpers.transport_peer import digest, make_cache
 from kvbridge import protocol as P
+from kvbridge.cache import checksum
 from kvbridge.layout import LayoutMismatchError
 from kvbridge.transport import (
     TransferError,
@@ -678,12 +679,14 @@ def test_auto_resolves_to_nixl_only_where_rdma_is_present(tmp_path):
     assert auto.resolve(True, []) == "auto"
 
 
-@pytest.mark.skipif("cma" not in available(), reason="cma is not available here")
-@pytest.mark.parametrize("name", ["cma", "auto"])
-def test_cma_large_verified_read_digests_each_group_as_it_lands(name, producers, consumers):
-    """A verified cma read of >= 8 MiB digests groups of blocks on the threads
-    that read them (landed_digests): every block checks, in block order, and
+@pytest.mark.parametrize("name", ["cma", "auto", "nixl"])
+def test_large_verified_read_digests_each_group_as_it_lands(name, producers, consumers):
+    """A verified read of >= 8 MiB digests groups of blocks as they land
+    (landed_digests): cma on the threads that read them, nixl on a digest
+    thread while the next piece moves. Every block checks, in block order, and
     a corrupted block is still caught and named."""
+    if name not in available():
+        pytest.skip(f"{name} is not available here")
     big = dict(num_blocks=48, block_size=128, kv_heads=8, head_size=128)  # 1 MiB blocks
     prod = producers(name, cache_kw=big)
     cons = consumers(name, **big)
@@ -693,6 +696,7 @@ def test_cma_large_verified_read_digests_each_group_as_it_lands(name, producers,
     h = cons.pull(prod.address, "big", remote, local)
     assert h.wait(60) == TransferState.DONE, h.error
     assert h.nbytes == 20 << 20 and h.landed_digests is not None and len(h.landed_digests) == 20
+    assert h.landed_digests == checksum.block_digests(cons.cache, local)
     assert digest(cons.cache, local) == prod.call("digest", remote)
     assert cons.metrics()["blocks_verified"] == 20
     flipping = consumers(name, config_kw=dict(fault_flip_byte_every=1), **big)

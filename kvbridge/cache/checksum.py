@@ -107,10 +107,11 @@ if NATIVE is not None and NATIVE[1] is None:
     NATIVE = None
 
 
-def native_block_digests(cache: PagedKVCache, block_ids: Sequence[int]) -> list[int] | None:
+def native_block_digests(cache: PagedKVCache, block_ids: Sequence[int],
+                         threads: int | None = None) -> list[int] | None:
     """``block_digests`` of whole blocks in C, without the GIL; split across
-    ``PARALLEL_THREADS`` threads from ``PARALLEL_MIN_BYTES`` up (None: not
-    available)."""
+    ``threads`` (default ``PARALLEL_THREADS`` from ``PARALLEL_MIN_BYTES``
+    up) threads (None: not available)."""
     if NATIVE is None or not len(block_ids):
         return None
     lib, api = NATIVE
@@ -125,7 +126,9 @@ def native_block_digests(cache: PagedKVCache, block_ids: Sequence[int]) -> list[
         if rc != 0:
             raise ValueError(f"kvb_digest_blocks failed ({rc})")
 
-    run_shares(share, n, PARALLEL_THREADS if n * seg * regions >= PARALLEL_MIN_BYTES else 1)
+    if threads is None:
+        threads = PARALLEL_THREADS if n * seg * regions >= PARALLEL_MIN_BYTES else 1
+    run_shares(share, n, threads)
     return out.tolist()
 
 

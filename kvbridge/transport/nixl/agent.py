@@ -29,6 +29,12 @@ try:
     # process and logs INFO lines to stdout: undo the first, quiet the second.
     _raise_exceptions = logging.raiseExceptions
     from nixl._api import nixl_agent, nixl_agent_config
+    try:
+        from nixl._api import nixl_thread_sync_t
+        #: calls on an agent may come from two threads, one at a time
+        _SYNC = {"sync_mode": nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT}
+    except ImportError:  # an older nixl: no sync modes; our own lock serializes
+        _SYNC = {}
     logging.raiseExceptions = _raise_exceptions
     if not os.environ.get("NIXL_LOG_LEVEL"):
         logging.getLogger("nixl").setLevel(logging.WARNING)
@@ -57,7 +63,7 @@ def _ucx_error_modes() -> list[str]:
 
 def _new_agent(name: str):
     conf = nixl_agent_config(enable_prog_thread=PROGRESS_THREAD, enable_listen_thread=False,
-                             backends=[])
+                             backends=[], **_SYNC)
     agent = nixl_agent(name, conf)
     if BACKEND != "UCX":
         agent.create_backend(BACKEND, {})

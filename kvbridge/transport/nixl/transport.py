@@ -1,18 +1,21 @@
 # SPDX-License-Identifier: Apache-2.0
 """``NixlTransport``: the control protocol of every backend, with each granted
-pull moved as one NIXL READ by the consumer's agent thread (``agent.py``) over
-prepped descriptor lists (``descriptors.py``). See the package docstring."""
+pull moved by NIXL READs the consumer's reader thread starts (``agent.py``)
+over prepped descriptor lists (``descriptors.py``). See the package docstring."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import itertools
 import logging
 import select
 import socket
 import threading
 import time
-
+from collections import deque
 
 from kvbridge import protocol as P
+from kvbridge.cache import checksum
 from kvbridge.cache.shard import paired_slices
 from kvbridge.errors import ErrorCode
 from kvbridge.transport.base import Transport
@@ -24,7 +27,13 @@ from kvbridge.transport.direct import (
 )
 from kvbridge.transport.handle import TransferHandle
 from kvbridge.transport.nixl.agent import _IMPORT_ERROR, AgentThread, Read
-from kvbridge.transport.nixl.config import BACKEND, CLOSE_GRACE_S, LIVENESS_S
+from kvbridge.transport.nixl.config import (
+    BACKEND,
+    CLOSE_GRACE_S,
+    LIVENESS_S,
+    PIECE_BYTES,
+    PIECE_MIN_BYTES,
+)
 from kvbridge.transport.nixl.descriptors import (
     PeerData,
     agent_key,
@@ -69,6 +78,7 @@ class NixlTransport(Transport):
         self._cons_name = f"{self.agent_name}-pull"
         self._cons: AgentThread | None = None
         self._cons_lock = threading.Lock()
+        self._digests: cf.ThreadPoolExecutor | None = None  # digests of landed pieces
         #: remote agent name -> peer connections using it (a producer may be
         #: reached at two addresses, or reconnected before the old one is gone)
         self._remotes: dict[bytes, int] = {}
@@ -226,7 +236,9 @@ class NixlTransport(Transport):
                 return False
             data.busy = True
         try:
-            return self._read(conn, data, handle, handle.remote_ids)
+            return self._read(conn, data, handle, handle.remote_ids,
+                              self._verifies(grant) and checksum.NATIVE is not None
+                              and handle.local_slice is None)
         finally:
             with data.lock:
                 data.busy = False
@@ -235,7 +247,13 @@ class NixlTransport(Transport):
                 self._release_peer(data)
 
     def _read(self, conn: PeerConnection, data: PeerData, handle: TransferHandle,
-              remote_ids: list[int]) -> bool:
+              remote_ids: list[int], digest: bool) -> bool:
+        """READ the pull's blocks. With ``digest`` (a verified pull of whole
+        blocks of ``PIECE_MIN_BYTES`` or more) in pieces of about
+        ``PIECE_BYTES``, two in flight, each digested on another thread as
+        soon as it landed - while it is still in cache, and while the next
+        piece moves; the digests become ``handle.landed_digests``. Returns
+        only once no READ of this pull can still write into its blocks."""
         engine = self._cons
         if engine is None:
             handle._set_error("transport closed", ErrorCode.TRANSFER)
@@ -245,14 +263,60 @@ class NixlTransport(Transport):
         except (ValueError, RuntimeError) as e:
             handle._set_error(f"cannot describe this TP slice for NIXL: {e}", ErrorCode.LAYOUT)
             return False
-        local_idx, remote_idx = read_indices(self.layout.num_regions, rows,
-                                             self.cache.num_blocks, handle.local_ids,
-                                             data.num_blocks, remote_ids)
-        # No notification: ReadDone on the control connection completes the
-        # read, and a notification cost ~110 us a small READ (see the module).
-        read = Read(local_dlist, local_idx, remote_dlist, remote_idx, b"")
-        engine.read(read)
+        n = len(handle.local_ids)
+        step = n
+        if digest and rows == 1 and PIECE_BYTES and handle.nbytes >= PIECE_MIN_BYTES:
+            step = max(1, PIECE_BYTES // max(1, handle.nbytes // max(1, n)))
+        starts = iter(range(0, n, step))
+        inflight: deque[tuple[int, Read]] = deque()
+        digests: list[cf.Future] = []
         t0 = time.monotonic()
+
+        def post(lo: int) -> None:
+            local_idx, remote_idx = read_indices(
+                self.layout.num_regions, rows, self.cache.num_blocks,
+                handle.local_ids[lo:lo + step], data.num_blocks, remote_ids[lo:lo + step])
+            # No notification: ReadDone on the control connection completes
+            # the read, and a notification cost ~110 us a small READ.
+            read = Read(local_dlist, local_idx, remote_dlist, remote_idx, b"")
+            inflight.append((lo, read))
+            engine.read(read)
+
+        try:
+            for lo in itertools.islice(starts, 2):
+                post(lo)
+            while inflight:
+                lo, read = inflight[0]
+                if not self._await_read(conn, data, handle, engine, read, t0):
+                    return False
+                inflight.popleft()
+                if step < n:
+                    digests.append(self._digest_pool().submit(
+                        checksum.native_block_digests, self.cache,
+                        handle.local_ids[lo:lo + step], 1))
+                lo = next(starts, None)
+                if lo is not None:
+                    post(lo)
+            if digests:
+                handle.landed_digests = [d for f in digests for d in f.result()]
+            return True
+        finally:
+            for _, read in inflight:  # a piece failed: end the others first
+                engine.abort(read, handle.error or "an earlier piece failed")
+                while not read.done.wait(LIVENESS_S) and engine.alive:
+                    pass
+            for f in digests:
+                f.cancel()
+
+    def _digest_pool(self) -> cf.ThreadPoolExecutor:
+        with self._cons_lock:
+            if self._digests is None:
+                self._digests = cf.ThreadPoolExecutor(1, thread_name_prefix="kvb-nixl-digest")
+            return self._digests
+
+    def _await_read(self, conn: PeerConnection, data: PeerData, handle: TransferHandle,
+                    engine: AgentThread, read: Read, t0: float) -> bool:
+        """See a started ``read`` end: True once DONE, else the handle's error set."""
         abort_code = ErrorCode.TRANSFER  # aborted by close(): the transport's own end
         while not read.done.wait(LIVENESS_S):
             stop = self._stop_reason(conn, time.monotonic() - t0)
@@ -354,6 +418,9 @@ class NixlTransport(Transport):
     def _close_backend(self) -> None:
         with self._cons_lock:
             cons, self._cons = self._cons, None
+            digests, self._digests = self._digests, None
+        if digests is not None:
+            digests.shutdown(wait=False, cancel_futures=True)
         for engine, grace in ((cons, CLOSE_GRACE_S), (self._prod, 0.0)):
             if engine is not None and not engine.stop(grace):
                 logger.error("kvbridge: NIXL agent %s did not stop", engine.name)
