@@ -1,7 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Block export/import: byte-exact, validated, both copy paths."""
 
+import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -199,3 +203,34 @@ def _check_cpu_kernel(block_bytes, extra_stride, offset, num_regions, num_blocks
         for s, t in zip(src_ids, dst_ids):
             expected[t * stride:t * stride + block_bytes] = src[r][s]
         assert torch.equal(d.as_strided((num_blocks * stride,), (1,)), expected)
+
+
+def test_copy_digest_and_read_threads_follow_the_cpus_this_process_may_run_on():
+    """Threads for large copies, digests and cma reads are counted from the
+    process's CPU affinity (an engine pinned to one core, a container's
+    cpuset), not the machine's cores; the environment still overrides."""
+    script = (
+        "import os, json\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from kvbridge.cache import checksum, kernels\n"
+        "from kvbridge.transport import cma\n"
+        "print(json.dumps([kernels.copy_threads(), checksum.digest_threads(),"
+        " cma.read_threads()]))\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KVBRIDGE_KERNEL_THREADS", "KVBRIDGE_DIGEST_THREADS",
+                        "KVBRIDGE_CMA_THREADS")}
+    pinned = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=120, check=True)
+    assert json.loads(pinned.stdout.splitlines()[-1]) == [1, 1, 1], pinned.stderr
+    overridden = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                text=True, timeout=120, check=True,
+                                env={**env, "KVBRIDGE_KERNEL_THREADS": "3",
+                                     "KVBRIDGE_DIGEST_THREADS": "2",
+                                     "KVBRIDGE_CMA_THREADS": "2"})
+    assert json.loads(overridden.stdout.splitlines()[-1]) == [3, 2, 2], overridden.stderr
+    from kvbridge.cache import checksum
+    cpus = len(os.sched_getaffinity(0))
+    if "KVBRIDGE_KERNEL_THREADS" not in os.environ:
+        assert kernels.copy_threads() == min(8, cpus)
+    if "KVBRIDGE_DIGEST_THREADS" not in os.environ:
+        assert checksum.digest_threads() == min(4, cpus)

@@ -107,7 +107,7 @@ def run(quick: bool = False, json_path: str | None = None, progress: bool = True
     text = table(headers, rows)
     print(text)
     print(f"\nlayers: {NUM_LAYERS}; block ids random, non-contiguous; memcpy = one-thread libc "
-          f"memcpy of the same bytes; kernel threads: {kernels.NUM_THREADS} (cpu_kernel_1t: 1); "
+          f"memcpy of the same bytes; kernel threads: {kernels.copy_threads()} (cpu_kernel_1t: 1); "
           f"streaming stores from {fmt_bytes(kernels.STREAM_BYTES)}; copy_blocks = block to block "
           "into a second cache (host staging's copy), CPU kernel")
     gpu = run_gpu(counts, quick, progress) if torch.cuda.is_available() else None

@@ -42,14 +42,20 @@ _digest = xxhash.xxh3_64_intdigest
 #: Python loop costs less than the call.
 NATIVE_MIN_PIECES = 16
 #: Digests of at least this many bytes in all are split across
-#: ``PARALLEL_THREADS`` threads (``KVBRIDGE_DIGEST_THREADS``, default min(4,
-#: cores)). 64 MiB of Llama-sized blocks here: 2.1 ms on one thread, 1.2 on
+#: ``digest_threads()`` threads (``KVBRIDGE_DIGEST_THREADS``, else the CPUs
+#: this process may run on, at most 4). 64 MiB of Llama-sized blocks here: 2.1 ms on one thread, 1.2 on
 #: two when part of it is in L3 (a producer digesting what it just computed);
 #: 1.8-2.0 either way right after a 64 MiB NIXL read, where the pass is bound
 #: by memory bandwidth.
 PARALLEL_MIN_BYTES = 8 << 20
-PARALLEL_THREADS = max(1, int(os.environ.get("KVBRIDGE_DIGEST_THREADS",
-                                             min(4, os.cpu_count() or 1))))
+PARALLEL_THREADS: int | None = (max(1, int(os.environ["KVBRIDGE_DIGEST_THREADS"]))
+                                if os.environ.get("KVBRIDGE_DIGEST_THREADS") else None)
+
+
+def digest_threads() -> int:
+    """Threads a large digest is split across (``PARALLEL_THREADS``, else by
+    the process's CPU affinity: ``kernels.usable_cpus``)."""
+    return PARALLEL_THREADS or min(4, kernels.usable_cpus())
 
 
 #: The entry points C code digests with, in ``Xxh3Api``'s order
@@ -110,7 +116,7 @@ if NATIVE is not None and NATIVE[1] is None:
 def native_block_digests(cache: PagedKVCache, block_ids: Sequence[int],
                          threads: int | None = None) -> list[int] | None:
     """``block_digests`` of whole blocks in C, without the GIL; split across
-    ``threads`` (default ``PARALLEL_THREADS`` from ``PARALLEL_MIN_BYTES``
+    ``threads`` (default ``digest_threads()`` from ``PARALLEL_MIN_BYTES``
     up) threads (None: not available)."""
     if NATIVE is None or not len(block_ids):
         return None
@@ -127,28 +133,39 @@ def native_block_digests(cache: PagedKVCache, block_ids: Sequence[int],
             raise ValueError(f"kvb_digest_blocks failed ({rc})")
 
     if threads is None:
-        threads = PARALLEL_THREADS if n * seg * regions >= PARALLEL_MIN_BYTES else 1
+        threads = digest_threads() if n * seg * regions >= PARALLEL_MIN_BYTES else 1
     run_shares(share, n, threads)
     return out.tolist()
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
 def run_shares(share, n: int, threads: int) -> None:
     """``share(lo, count)`` over ``[0, n)`` cut into ``threads`` shares, run on
-    a pool of ``PARALLEL_THREADS`` (one share: on this thread). For C calls
-    that release the GIL: digests here, the cma backend's read-and-digest."""
-    global _pool
+    a shared pool (one share: on this thread). For C calls that release the
+    GIL: digests here, the cma backend's read-and-digest."""
+    global _pool, _pool_size
     per = -(-n // max(1, threads)) if n else 1
     if threads <= 1 or n <= per:
         share(0, n)
         return
     with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(PARALLEL_THREADS, thread_name_prefix="kvb-digest")
-    list(_pool.map(lambda lo: share(lo, min(per, n - lo)), range(0, n, per)))
+        if _pool is None or _pool_size < threads:
+            # Threads start as shares need them, up to the pool's size. One
+            # outgrown (KVBRIDGE_DIGEST_THREADS above 4) is replaced; the
+            # old one finishes the shares it was given.
+            old, _pool = _pool, ThreadPoolExecutor(max(4, threads),
+                                                   thread_name_prefix="kvb-digest")
+            _pool_size = max(4, threads)
+            if old is not None:
+                old.shutdown(wait=False)
+        # Submitted under the lock, so a replacement never shuts the pool
+        # down between choosing it and handing it the shares.
+        results = _pool.map(lambda lo: share(lo, min(per, n - lo)), range(0, n, per))
+    list(results)
 
 
 def supported(cache: PagedKVCache) -> bool:

@@ -25,9 +25,26 @@ _LIB_DIR = Path(__file__).resolve().parents[1] / "_lib"
 CPU_LIB_NAME = "libkvbridge_cpu.so"
 CUDA_LIB_NAME = "libkvbridge_cuda.so"
 
-#: Threads the CPU kernel may use for one large copy (default: all cores, at
-#: most 8). Copies under 4 MiB always run on the calling thread.
-NUM_THREADS = int(os.environ.get("KVBRIDGE_KERNEL_THREADS", min(8, os.cpu_count() or 1)))
+#: ``KVBRIDGE_KERNEL_THREADS``: threads the CPU kernel may use for one large
+#: copy [unset: ``copy_threads()``, the CPUs this process may run on, at most
+#: 8]. Copies under 4 MiB always run on the calling thread.
+NUM_THREADS: int | None = (int(os.environ["KVBRIDGE_KERNEL_THREADS"])
+                           if os.environ.get("KVBRIDGE_KERNEL_THREADS") else None)
+
+
+def usable_cpus() -> int:
+    """CPUs the calling thread may run on - its affinity (an engine pinned to a
+    core, a container's cpuset), not the machine's count: threads beyond it
+    only take turns on the same cores, next to the engine's own work."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def copy_threads() -> int:
+    """Threads for one large CPU copy (``NUM_THREADS``, else by affinity)."""
+    return NUM_THREADS or min(8, usable_cpus())
 #: CPU copies of at least this many bytes in total use streaming (non-temporal)
 #: stores, which skip reading the destination into cache first; 0 turns them
 #: off [4 MiB]. See csrc/cpu/kvb_copy.cpp.
@@ -230,7 +247,7 @@ def _compiled_copy(regions: Sequence[torch.Tensor], ids: Sequence[int], staging:
     ptrs, stride, id_arr = args
     fn = _cpu_lib.kvb_gather if is_gather else _cpu_lib.kvb_scatter
     rc = fn(ptrs, len(regions), stride, regions[0].shape[1], id_arr.buffer_info()[0], len(ids),
-            staging.data_ptr(), NUM_THREADS)
+            staging.data_ptr(), copy_threads())
     if rc != 0:
         raise RuntimeError(f"kvbridge CPU kernel ({'gather' if is_gather else 'scatter'}) "
                            f"failed with {rc}")
@@ -306,7 +323,8 @@ def copy_blocks(src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor], src_id
         if s_args is not None and d_args is not None:
             rc = _cpu_lib.kvb_copy_blocks(s_args[0], s_args[1], s_args[2].buffer_info()[0],
                                           d_args[0], d_args[1], d_args[2].buffer_info()[0],
-                                          len(src), block_bytes, len(src_ids), NUM_THREADS)
+                                          len(src), block_bytes, len(src_ids),
+                                          copy_threads())
             if rc != 0:
                 raise RuntimeError(f"kvbridge CPU kernel (copy_blocks) failed with {rc}")
             return

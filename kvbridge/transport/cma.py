@@ -14,7 +14,7 @@ backend does). The handshake refuses the pairing with the reason otherwise.
 Host memory only.
 
 Tunables: ``KVBRIDGE_CMA_THREADS`` - threads splitting one large read
-[min(4, cores)]; reads under 8 MiB use one.
+[min(4, the CPUs this process may run on)]; reads under 8 MiB use one.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 from kvbridge import protocol as P
 from kvbridge.cache import checksum
 from kvbridge.cache.blocks import run_starts
+from kvbridge.cache.kernels import usable_cpus
 from kvbridge.cache.shard import BlockSlice, paired_slices
 from kvbridge.errors import ErrorCode
 from kvbridge.transport.base import Transport
@@ -50,7 +51,16 @@ _readv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_
 PR_SET_PTRACER = 0x59616D61
 PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
 IOV_BATCH = 1024
-THREADS = int(os.environ.get("KVBRIDGE_CMA_THREADS", min(4, os.cpu_count() or 1)))
+#: ``KVBRIDGE_CMA_THREADS``: threads one large read is split across [unset:
+#: ``read_threads()``, the CPUs this process may run on, at most 4].
+THREADS: int | None = (int(os.environ["KVBRIDGE_CMA_THREADS"])
+                       if os.environ.get("KVBRIDGE_CMA_THREADS") else None)
+
+
+def read_threads() -> int:
+    """Threads for one large read (``THREADS``, else by the process's CPU
+    affinity: a pinned engine's reads stay one thread on its core)."""
+    return THREADS or min(4, usable_cpus())
 PARALLEL_MIN_BYTES = 8 << 20
 #: A large verified read of whole blocks is digested after at most this many
 #: bytes landed, while they are in the core's L2 cache (1 MiB per core on the
@@ -173,19 +183,20 @@ class CmaTransport(Transport):
         except ValueError as e:
             handle._set_error(f"TP slices do not pair: {e}", ErrorCode.LAYOUT)
             return False
-        parallel = handle.nbytes >= PARALLEL_MIN_BYTES and THREADS > 1
+        threads = read_threads()
+        parallel = handle.nbytes >= PARALLEL_MIN_BYTES and threads > 1
         if (handle.nbytes >= NATIVE_READ_MIN_BYTES and handle.local_slice is None
                 and handle.remote_slice is None
                 and self._verifies(grant) and checksum.NATIVE is not None
                 and conn.remote_layout.block_bytes == self.layout.block_bytes
                 and len(data["regions"]) == self.layout.num_regions <= IOV_BATCH):
-            return self._read_and_digest(data, handle, THREADS if parallel else 1)
+            return self._read_and_digest(data, handle, threads if parallel else 1)
         batches = self._batches(data["regions"], conn.remote_layout.block_bytes, remote_sl,
                                 handle.remote_ids, local_sl, handle.local_ids)
         try:
             if parallel and len(batches) > 1:
                 if self._pool is None:
-                    self._pool = cf.ThreadPoolExecutor(THREADS, thread_name_prefix="kvb-cma")
+                    self._pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="kvb-cma")
                 list(self._pool.map(lambda b: read_remote(data["pid"], *b), batches))
             else:
                 for local, remote in batches:
@@ -252,9 +263,10 @@ class CmaTransport(Transport):
         lspans = np.stack([local[starts], sizes], axis=1)
         rspans = np.stack([remote[starts], sizes], axis=1)
         per = IOV_BATCH
-        if int(sizes.sum()) >= PARALLEL_MIN_BYTES and THREADS > 1:
+        threads = read_threads()
+        if int(sizes.sum()) >= PARALLEL_MIN_BYTES and threads > 1:
             # A large read: one batch per thread, so the reads run in parallel.
-            per = max(1, min(IOV_BATCH, -(-len(lspans) // THREADS)))
+            per = max(1, min(IOV_BATCH, -(-len(lspans) // threads)))
         return [(lspans[i:i + per], rspans[i:i + per]) for i in range(0, len(lspans), per)]
 
     def _small_batch(self, remote_regions, remote_block_bytes: int, remote_sl: BlockSlice,
