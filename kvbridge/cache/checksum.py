@@ -23,7 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -138,34 +138,36 @@ def native_block_digests(cache: PagedKVCache, block_ids: Sequence[int],
     return out.tolist()
 
 
+#: Size of the one pool large digests and cma reads are split over; its
+#: threads start only as shares need them, so this only caps them.
+POOL_MAX_THREADS = 32
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 _pool_lock = threading.Lock()
+
+
+def _shared_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(POOL_MAX_THREADS, thread_name_prefix="kvb-digest")
+        return _pool
 
 
 def run_shares(share, n: int, threads: int) -> None:
     """``share(lo, count)`` over ``[0, n)`` cut into ``threads`` shares, run on
-    a shared pool (one share: on this thread). For C calls that release the
+    the shared pool (one share: on this thread). For C calls that release the
     GIL: digests here, the cma backend's read-and-digest."""
-    global _pool, _pool_size
     per = -(-n // max(1, threads)) if n else 1
     if threads <= 1 or n <= per:
         share(0, n)
         return
-    with _pool_lock:
-        if _pool is None or _pool_size < threads:
-            # Threads start as shares need them, up to the pool's size. One
-            # outgrown (KVBRIDGE_DIGEST_THREADS above 4) is replaced; the
-            # old one finishes the shares it was given.
-            old, _pool = _pool, ThreadPoolExecutor(max(4, threads),
-                                                   thread_name_prefix="kvb-digest")
-            _pool_size = max(4, threads)
-            if old is not None:
-                old.shutdown(wait=False)
-        # Submitted under the lock, so a replacement never shuts the pool
-        # down between choosing it and handing it the shares.
-        results = _pool.map(lambda lo: share(lo, min(per, n - lo)), range(0, n, per))
-    list(results)
+    list(_shared_pool().map(lambda lo: share(lo, min(per, n - lo)), range(0, n, per)))
+
+
+def submit(fn, *args) -> Future:
+    """``fn(*args)`` on the shared pool, for work that overlaps the caller's
+    (the nixl backend digests each landed piece while the next one moves)."""
+    return _shared_pool().submit(fn, *args)
 
 
 def supported(cache: PagedKVCache) -> bool:

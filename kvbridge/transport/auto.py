@@ -82,7 +82,6 @@ class AutoTransport(CmaTransport):
             super().__init__(cache, config, **kw)
         else:
             Transport.__init__(self, cache, config, **kw)
-            self._pool = None
         #: producers cma cannot reach (learned at their first handshake)
         self._tcp_only: set[str] = set()
 

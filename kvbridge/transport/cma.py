@@ -19,7 +19,6 @@ Tunables: ``KVBRIDGE_CMA_THREADS`` - threads splitting one large read
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import ctypes
 import errno
 import os
@@ -125,7 +124,6 @@ class CmaTransport(Transport):
         if cache.device.type != "cpu":
             raise ValueError("the cma transport reads host memory only; use nixl for devices")
         super().__init__(cache, config, **kw)
-        self._pool: cf.ThreadPoolExecutor | None = None
 
     # -- producer --
     def _start_producer(self) -> None:
@@ -183,24 +181,21 @@ class CmaTransport(Transport):
         except ValueError as e:
             handle._set_error(f"TP slices do not pair: {e}", ErrorCode.LAYOUT)
             return False
-        threads = read_threads()
-        parallel = handle.nbytes >= PARALLEL_MIN_BYTES and threads > 1
+        threads = read_threads() if handle.nbytes >= PARALLEL_MIN_BYTES else 1
         if (handle.nbytes >= NATIVE_READ_MIN_BYTES and handle.local_slice is None
                 and handle.remote_slice is None
                 and self._verifies(grant) and checksum.NATIVE is not None
                 and conn.remote_layout.block_bytes == self.layout.block_bytes
                 and len(data["regions"]) == self.layout.num_regions <= IOV_BATCH):
-            return self._read_and_digest(data, handle, threads if parallel else 1)
+            return self._read_and_digest(data, handle, threads)
         batches = self._batches(data["regions"], conn.remote_layout.block_bytes, remote_sl,
-                                handle.remote_ids, local_sl, handle.local_ids)
+                                handle.remote_ids, local_sl, handle.local_ids, threads)
         try:
-            if parallel and len(batches) > 1:
-                if self._pool is None:
-                    self._pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="kvb-cma")
-                list(self._pool.map(lambda b: read_remote(data["pid"], *b), batches))
-            else:
-                for local, remote in batches:
+            def share(lo: int, count: int) -> None:
+                for local, remote in batches[lo:lo + count]:
                     read_remote(data["pid"], local, remote)
+
+            checksum.run_shares(share, len(batches), threads)
         except OSError as e:
             handle._set_error(f"reading producer memory failed: {e.strerror or e}",
                               ErrorCode.TRANSFER)
@@ -238,8 +233,9 @@ class CmaTransport(Transport):
         return True
 
     def _batches(self, remote_regions, remote_block_bytes: int, remote_sl: BlockSlice,
-                 remote_ids, local_sl: BlockSlice, local_ids):
-        """(local iovecs, remote iovecs) batches of at most IOV_BATCH entries.
+                 remote_ids, local_sl: BlockSlice, local_ids, threads: int = 1):
+        """(local iovecs, remote iovecs) batches of at most IOV_BATCH entries;
+        with ``threads`` > 1 (a large read), at least one batch per thread.
 
         Run ``k`` of remote block ``remote_ids[i]`` pairs with run ``k`` of
         local block ``local_ids[i]`` (``paired_slices``); pairs adjacent on
@@ -263,8 +259,7 @@ class CmaTransport(Transport):
         lspans = np.stack([local[starts], sizes], axis=1)
         rspans = np.stack([remote[starts], sizes], axis=1)
         per = IOV_BATCH
-        threads = read_threads()
-        if int(sizes.sum()) >= PARALLEL_MIN_BYTES and threads > 1:
+        if threads > 1:
             # A large read: one batch per thread, so the reads run in parallel.
             per = max(1, min(IOV_BATCH, -(-len(lspans) // threads)))
         return [(lspans[i:i + per], rspans[i:i + per]) for i in range(0, len(lspans), per)]
@@ -293,8 +288,3 @@ class CmaTransport(Transport):
                         lspans.append([la, length])
                         rspans.append([ra, length])
         return lspans, rspans
-
-    def _close_backend(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-

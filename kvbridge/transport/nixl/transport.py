@@ -5,7 +5,6 @@ over prepped descriptor lists (``descriptors.py``). See the package docstring.""
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import itertools
 import logging
 import select
@@ -13,6 +12,7 @@ import socket
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 
 from kvbridge import protocol as P
 from kvbridge.cache import checksum
@@ -78,7 +78,6 @@ class NixlTransport(Transport):
         self._cons_name = f"{self.agent_name}-pull"
         self._cons: AgentThread | None = None
         self._cons_lock = threading.Lock()
-        self._digests: cf.ThreadPoolExecutor | None = None  # digests of landed pieces
         #: remote agent name -> peer connections using it (a producer may be
         #: reached at two addresses, or reconnected before the old one is gone)
         self._remotes: dict[bytes, int] = {}
@@ -250,8 +249,8 @@ class NixlTransport(Transport):
               remote_ids: list[int], digest: bool) -> bool:
         """READ the pull's blocks. With ``digest`` (a verified pull of whole
         blocks of ``PIECE_MIN_BYTES`` or more) in pieces of about
-        ``PIECE_BYTES``, two in flight, each digested on another thread as
-        soon as it landed - while it is still in cache, and while the next
+        ``PIECE_BYTES``, two in flight, each digested on the shared digest pool
+        as soon as it landed - while it is still in cache, and while the next
         piece moves; the digests become ``handle.landed_digests``. Returns
         only once no READ of this pull can still write into its blocks."""
         engine = self._cons
@@ -269,7 +268,7 @@ class NixlTransport(Transport):
             step = max(1, PIECE_BYTES // max(1, handle.nbytes // max(1, n)))
         starts = iter(range(0, n, step))
         inflight: deque[tuple[int, Read]] = deque()
-        digests: list[cf.Future] = []
+        digests: list[Future] = []
         t0 = time.monotonic()
 
         def post(lo: int) -> None:
@@ -291,9 +290,8 @@ class NixlTransport(Transport):
                     return False
                 inflight.popleft()
                 if step < n:
-                    digests.append(self._digest_pool().submit(
-                        checksum.native_block_digests, self.cache,
-                        handle.local_ids[lo:lo + step], 1))
+                    digests.append(checksum.submit(checksum.native_block_digests,
+                                                   self.cache, handle.local_ids[lo:lo + step], 1))
                 lo = next(starts, None)
                 if lo is not None:
                     post(lo)
@@ -307,12 +305,6 @@ class NixlTransport(Transport):
                     pass
             for f in digests:
                 f.cancel()
-
-    def _digest_pool(self) -> cf.ThreadPoolExecutor:
-        with self._cons_lock:
-            if self._digests is None:
-                self._digests = cf.ThreadPoolExecutor(1, thread_name_prefix="kvb-nixl-digest")
-            return self._digests
 
     def _await_read(self, conn: PeerConnection, data: PeerData, handle: TransferHandle,
                     engine: AgentThread, read: Read, t0: float) -> bool:
@@ -418,9 +410,6 @@ class NixlTransport(Transport):
     def _close_backend(self) -> None:
         with self._cons_lock:
             cons, self._cons = self._cons, None
-            digests, self._digests = self._digests, None
-        if digests is not None:
-            digests.shutdown(wait=False, cancel_futures=True)
         for engine, grace in ((cons, CLOSE_GRACE_S), (self._prod, 0.0)):
             if engine is not None and not engine.stop(grace):
                 logger.error("kvbridge: NIXL agent %s did not stop", engine.name)
