@@ -21,7 +21,6 @@ Host memory only: a KV cache in GPU memory is digested in its host mirror
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
@@ -43,19 +42,16 @@ _digest = xxhash.xxh3_64_intdigest
 NATIVE_MIN_PIECES = 16
 #: Digests of at least this many bytes in all are split across
 #: ``digest_threads()`` threads (``KVBRIDGE_DIGEST_THREADS``, else the CPUs
-#: this process may run on, at most 4). 64 MiB of Llama-sized blocks here: 2.1 ms on one thread, 1.2 on
-#: two when part of it is in L3 (a producer digesting what it just computed);
-#: 1.8-2.0 either way right after a 64 MiB NIXL read, where the pass is bound
-#: by memory bandwidth.
+#: this process may run on, at most 4). 64 MiB of Llama-sized blocks here:
+#: 2.1 ms on one thread, 1.2 on two when part of it is in L3 (a producer
+#: digesting what it just computed); 1.8-2.0 either way right after a 64 MiB
+#: NIXL read, where the pass is bound by memory bandwidth.
 PARALLEL_MIN_BYTES = 8 << 20
-PARALLEL_THREADS: int | None = (max(1, int(os.environ["KVBRIDGE_DIGEST_THREADS"]))
-                                if os.environ.get("KVBRIDGE_DIGEST_THREADS") else None)
+PARALLEL_THREADS = kernels.threads_from_env("KVBRIDGE_DIGEST_THREADS")
 
 
 def digest_threads() -> int:
-    """Threads a large digest is split across (``PARALLEL_THREADS``, else by
-    the process's CPU affinity: ``kernels.usable_cpus``)."""
-    return PARALLEL_THREADS or min(4, kernels.usable_cpus())
+    return kernels.thread_count(PARALLEL_THREADS, 4)
 
 
 #: The entry points C code digests with, in ``Xxh3Api``'s order

@@ -25,11 +25,11 @@ _LIB_DIR = Path(__file__).resolve().parents[1] / "_lib"
 CPU_LIB_NAME = "libkvbridge_cpu.so"
 CUDA_LIB_NAME = "libkvbridge_cuda.so"
 
-#: ``KVBRIDGE_KERNEL_THREADS``: threads the CPU kernel may use for one large
-#: copy [unset: ``copy_threads()``, the CPUs this process may run on, at most
-#: 8]. Copies under 4 MiB always run on the calling thread.
-NUM_THREADS: int | None = (int(os.environ["KVBRIDGE_KERNEL_THREADS"])
-                           if os.environ.get("KVBRIDGE_KERNEL_THREADS") else None)
+
+def threads_from_env(name: str) -> int | None:
+    """A thread count set in environment variable ``name``; None if unset."""
+    value = os.environ.get(name)
+    return max(1, int(value)) if value else None
 
 
 def usable_cpus() -> int:
@@ -42,9 +42,23 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def thread_count(override: int | None, cap: int) -> int:
+    """Threads for one large operation: ``override`` (an environment
+    variable's) if set, else the CPUs this process may run on, at most
+    ``cap``. Read at use time: vLLM pins a worker after kvbridge is imported."""
+    return override or min(cap, usable_cpus())
+
+
+#: ``KVBRIDGE_KERNEL_THREADS``: threads the CPU kernel may use for one large
+#: copy [unset: the CPUs this process may run on, at most 8]. Copies under
+#: 4 MiB always run on the calling thread.
+NUM_THREADS = threads_from_env("KVBRIDGE_KERNEL_THREADS")
+
+
 def copy_threads() -> int:
-    """Threads for one large CPU copy (``NUM_THREADS``, else by affinity)."""
-    return NUM_THREADS or min(8, usable_cpus())
+    return thread_count(NUM_THREADS, 8)
+
+
 #: CPU copies of at least this many bytes in total use streaming (non-temporal)
 #: stores, which skip reading the destination into cache first; 0 turns them
 #: off [4 MiB]. See csrc/cpu/kvb_copy.cpp.

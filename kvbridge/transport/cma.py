@@ -28,7 +28,7 @@ import numpy as np
 from kvbridge import protocol as P
 from kvbridge.cache import checksum
 from kvbridge.cache.blocks import run_starts
-from kvbridge.cache.kernels import usable_cpus
+from kvbridge.cache.kernels import thread_count, threads_from_env
 from kvbridge.cache.shard import BlockSlice, paired_slices
 from kvbridge.errors import ErrorCode
 from kvbridge.transport.base import Transport
@@ -51,15 +51,14 @@ PR_SET_PTRACER = 0x59616D61
 PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
 IOV_BATCH = 1024
 #: ``KVBRIDGE_CMA_THREADS``: threads one large read is split across [unset:
-#: ``read_threads()``, the CPUs this process may run on, at most 4].
-THREADS: int | None = (int(os.environ["KVBRIDGE_CMA_THREADS"])
-                       if os.environ.get("KVBRIDGE_CMA_THREADS") else None)
+#: the CPUs this process may run on, at most 4].
+THREADS = threads_from_env("KVBRIDGE_CMA_THREADS")
 
 
 def read_threads() -> int:
-    """Threads for one large read (``THREADS``, else by the process's CPU
-    affinity: a pinned engine's reads stay one thread on its core)."""
-    return THREADS or min(4, usable_cpus())
+    return thread_count(THREADS, 4)
+
+
 PARALLEL_MIN_BYTES = 8 << 20
 #: A large verified read of whole blocks is digested after at most this many
 #: bytes landed, while they are in the core's L2 cache (1 MiB per core on the
