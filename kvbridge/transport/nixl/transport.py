@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import select
 import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 
 from kvbridge import protocol as P
 from kvbridge.cache import checksum
@@ -249,9 +249,10 @@ class NixlTransport(Transport):
               remote_ids: list[int], digest: bool) -> bool:
         """READ the pull's blocks. With ``digest`` (a verified pull of whole
         blocks of ``PIECE_MIN_BYTES`` or more) in pieces of about
-        ``PIECE_BYTES``, two in flight, each digested on the shared digest pool
-        as soon as it landed - while it is still in cache, and while the next
-        piece moves; the digests become ``handle.landed_digests``. Returns
+        ``PIECE_BYTES``, two in flight, each digested as soon as it landed -
+        while it is still in cache, and while the next piece moves - by one
+        task on the shared digest pool; the digests become
+        ``handle.landed_digests``. Returns
         only once no READ of this pull can still write into its blocks."""
         engine = self._cons
         if engine is None:
@@ -268,8 +269,12 @@ class NixlTransport(Transport):
             step = max(1, PIECE_BYTES // max(1, handle.nbytes // max(1, n)))
         starts = iter(range(0, n, step))
         inflight: deque[tuple[int, Read]] = deque()
-        digests: list[Future] = []
         t0 = time.monotonic()
+        # One task on the shared pool digests the pieces in landing order, one
+        # at a time (two at once competed with the copy: ~5 % slower here).
+        landed: queue.SimpleQueue = queue.SimpleQueue()
+        digester = (checksum.submit(self._digest_landed, handle.local_ids, step, landed)
+                    if step < n else None)
 
         def post(lo: int) -> None:
             local_idx, remote_idx = read_indices(
@@ -289,22 +294,29 @@ class NixlTransport(Transport):
                 if not self._await_read(conn, data, handle, engine, read, t0):
                     return False
                 inflight.popleft()
-                if step < n:
-                    digests.append(checksum.submit(checksum.native_block_digests,
-                                                   self.cache, handle.local_ids[lo:lo + step], 1))
+                landed.put(lo)
                 lo = next(starts, None)
                 if lo is not None:
                     post(lo)
-            if digests:
-                handle.landed_digests = [d for f in digests for d in f.result()]
+            if digester is not None:
+                landed.put(None)
+                handle.landed_digests, digester = digester.result(), None
             return True
         finally:
             for _, read in inflight:  # a piece failed: end the others first
                 engine.abort(read, handle.error or "an earlier piece failed")
                 while not read.done.wait(LIVENESS_S) and engine.alive:
                     pass
-            for f in digests:
-                f.cancel()
+            if digester is not None:
+                landed.put(None)  # ends the digest task; its digests go unused
+
+    def _digest_landed(self, local_ids: list[int], step: int,
+                       landed: queue.SimpleQueue) -> list[int]:
+        """Digests of the pieces ``landed`` names (their first index), until None."""
+        out: list[int] = []
+        while (lo := landed.get()) is not None:
+            out += checksum.native_block_digests(self.cache, local_ids[lo:lo + step], 1)
+        return out
 
     def _await_read(self, conn: PeerConnection, data: PeerData, handle: TransferHandle,
                     engine: AgentThread, read: Read, t0: float) -> bool:
