@@ -18,9 +18,11 @@ about 2.5 s per GiB of one core, next to nothing where the pages are huge
 already. That runs on a background thread, in pieces, so an engine is never
 held up: transfers work throughout and get faster as it goes.
 
-The bytes never change; only the page size behind them. Where the kernel says
-no (THP ``never``, no memory for huge pages, an older kernel) the memory
-stays as it was and the reason is logged once.
+The bytes never change; only the page size behind them. A page in use at
+that moment (a peer reading it) or no free huge page is tried again with
+back-off for up to ``RETRY_SECONDS``; where the kernel says no for good (THP
+``never``, an older kernel) or the retries run out, the memory stays as it
+was and the reason is logged once.
 
 Modes (``TransportConfig.huge_pages``): ``collapse`` [default] advise and
 convert; ``advise`` advise only (new and ``khugepaged``-scanned pages);
@@ -45,6 +47,18 @@ HUGE_PAGE = 2 << 20
 #: stops the conversion within a few hundred ms
 COLLAPSE_PIECE = 64 << 20
 MODES = ("collapse", "advise", "off")
+#: errnos after which a page is tried again later: EAGAIN - a page is in use
+#: right now (a peer's ``process_vm_readv`` holds it for the length of one
+#: read, so converting a cache that is being served meets this often);
+#: ENOMEM - no free huge page right now (compaction may make one)
+RETRY_ERRNOS = (errno.EAGAIN, errno.ENOMEM)
+#: the wait before the first retry of busy pages [0.05 s]; it doubles each
+#: round up to ``RETRY_MAX_DELAY`` [2 s]
+RETRY_FIRST_DELAY = 0.05
+RETRY_MAX_DELAY = 2.0
+#: how long busy pages are retried before they are left on small pages and
+#: the reason reported [60 s]
+RETRY_SECONDS = 60.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _madvise = _libc.madvise
@@ -109,6 +123,8 @@ class HugePages:
         self.done = threading.Event()
         #: bytes converted so far, and why it stopped early (None: it did not)
         self.collapsed = 0
+        #: 2 MiB pages that were busy at the first try and were tried again
+        self.retried = 0
         self.error: str | None = None
         self.seconds = 0.0
         self._stop = threading.Event()
@@ -134,17 +150,47 @@ class HugePages:
     def _collapse(self) -> None:
         t0 = time.perf_counter()
         try:
+            busy: list[tuple[int, int]] = []  # 2 MiB pages the kernel said "not now" to
+            last_err = 0
             for addr, n in self.spans:
                 for off in range(0, n, COLLAPSE_PIECE):
                     if self._stop.is_set():
                         return
                     piece = min(COLLAPSE_PIECE, n - off)
-                    # Runs without the GIL (ctypes releases it) for the whole call.
-                    err = _advise(addr + off, piece, MADV_COLLAPSE)
-                    if err:
+                    err = self._collapse_span(addr + off, piece)
+                    if err in RETRY_ERRNOS:
+                        # The kernel went on past the page it could not take and
+                        # converted the rest of the piece: retrying page by page
+                        # costs next to nothing where a page is huge already.
+                        for page in range(addr + off, addr + off + piece, HUGE_PAGE):
+                            err = self._collapse_span(page, HUGE_PAGE)
+                            if err in RETRY_ERRNOS:
+                                busy.append((page, HUGE_PAGE))
+                                self.retried += 1
+                                last_err = err
+                            elif err:
+                                break
+                    if err and err not in RETRY_ERRNOS:
                         self._give_up(f"MADV_COLLAPSE: {os.strerror(err)}")
                         return
-                    self.collapsed += piece
+            delay, deadline = RETRY_FIRST_DELAY, time.monotonic() + RETRY_SECONDS
+            while busy:
+                if time.monotonic() + delay > deadline or self._stop.wait(delay):
+                    self._give_up(f"MADV_COLLAPSE: {os.strerror(last_err)}: "
+                                  f"{len(busy) * HUGE_PAGE >> 20} MiB still busy after "
+                                  f"{RETRY_SECONDS:g} s of retries")
+                    return
+                delay = min(2 * delay, RETRY_MAX_DELAY)
+                still = []
+                for page, n in busy:
+                    err = self._collapse_span(page, n)
+                    if err in RETRY_ERRNOS:
+                        still.append((page, n))
+                        last_err = err
+                    elif err:
+                        self._give_up(f"MADV_COLLAPSE: {os.strerror(err)}")
+                        return
+                busy = still
             self.seconds = time.perf_counter() - t0
             if self.seconds > 0.5:
                 log.info("KV memory on huge pages: %.2f GiB converted in %.1f s "
@@ -153,6 +199,14 @@ class HugePages:
                          self.collapsed / (1 << 30), self.seconds)
         finally:
             self.done.set()
+
+    def _collapse_span(self, addr: int, nbytes: int) -> int:
+        """One ``MADV_COLLAPSE`` (run without the GIL: ctypes releases it);
+        counts the bytes when it worked. 0 or the errno."""
+        err = _advise(addr, nbytes, MADV_COLLAPSE)
+        if not err:
+            self.collapsed += nbytes
+        return err
 
     def _give_up(self, why: str) -> None:
         self.error = why
@@ -164,6 +218,7 @@ class HugePages:
         """For metrics: the mode, bytes to convert, bytes converted, whether
         it is over, how long it took, and why it stopped early (if it did)."""
         return {"mode": self.mode, "bytes": self.nbytes, "converted": self.collapsed,
+                "retried": self.retried,
                 "done": self.done.is_set(), "seconds": round(self.seconds, 3),
                 "error": self.error}
 
