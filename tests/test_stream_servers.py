@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from helpers.procs import Proxy
+from helpers.relay import HeldRelay
 from kvbridge.serve.launch import free_port, kv_transfer_config, start_server, stop_all, wait_healthy
 
 pytestmark = pytest.mark.vllm
@@ -134,6 +135,45 @@ def test_streamed_sse_answer_is_token_identical(servers, proxy, colocated):
     assert last["prefill_ms"] > 0 and last["ttft_ms"] > 0, last
     assert abs(last["ttft_ms"] - last["prefill_ms"] - last["hop_ms"]) < 50, last
     assert metric_sum(proxy.url, "kvbridge_proxy_hop_seconds_count") >= 1
+
+
+def test_prefill_answering_after_decode_is_still_timed(servers, colocated, tmp_path):
+    """A streamed request's prefill may answer after decode's whole answer has
+    been sent and the client has gone (CI's loaded machine did so). Decode had
+    all the KV by its first token, so the client leaving must not abort that
+    prefill: its answer is awaited and the request's hop logged. The prefill
+    answers are held back here by a relay in front of the real server."""
+    p, d, logs = servers
+    relay = HeldRelay(("127.0.0.1", p.port))
+    log = tmp_path / "requests.jsonl"
+    px = Proxy([relay.url], [d.url], "--kv-mode", "stream", "--request-log", str(log),
+               log_dir=logs)
+    try:
+        deadline = time.monotonic() + 60  # both described: the request will stream
+        while httpx.get(px.url + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the proxy never paired its backends"
+            time.sleep(0.2)
+        relay.hold()
+        with httpx.stream("POST", px.url + "/v1/completions", json=body(stream=True),
+                          timeout=120) as r:
+            assert r.status_code == 200
+            text = "".join(json.loads(x[6:])["choices"][0].get("text") or ""
+                           for x in r.iter_lines()
+                           if x.startswith("data: ") and x != "data: [DONE]")
+        assert text == colocated
+        time.sleep(1.0)  # the proxy has seen the client go
+        assert log.read_text() == ""  # prefill's answer is still held
+        relay.release()
+        deadline = time.monotonic() + 30
+        while not log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lines = [json.loads(x) for x in log.read_text().splitlines()]
+        assert len(lines) == 1 and lines[0]["mode"] == "streamed" and lines[0]["stream"], lines
+        # the prefill answered after decode's first token: a negative hop
+        assert lines[0]["hop_ms"] < 0 and lines[0]["prefill_ms"] > 1000, lines
+    finally:
+        px.stop()
+        relay.close()
 
 
 def test_a_stream_nobody_publishes_fails_the_load_not_the_engine(servers, colocated):

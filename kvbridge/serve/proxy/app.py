@@ -41,35 +41,15 @@ from kvbridge.serve.proxy.modes import (
     vllm_request_id,
 )
 from kvbridge.serve.proxy.metrics import ProxyMetrics
+from kvbridge.serve.proxy.openai_api import ClientError, error_response, parse_body
 
 logger = logging.getLogger("kvbridge.serve.proxy")
 
-#: Upper bound on max_tokens when no backend reports max_model_len.
-DEFAULT_MAX_TOKENS_LIMIT = 1 << 20
 #: Idle connections to backends are dropped after this long: below the 5 s
 #: after which vLLM's API server (uvicorn, ``--timeout-keep-alive``) closes
 #: them, so a request never goes out on a connection the server is closing
 #: (httpx's default expiry is those same 5 s; the race fails the request).
 KEEPALIVE_EXPIRY_S = 2.0
-
-
-class ClientError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = (status, message, param,
-                                                                       code, type_)
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code)
-
-
-def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
-    """OpenAI's error body."""
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param,
-                                   "code": code if code is not None else status}},
-                        status_code=status)
 
 
 def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-outstanding",
@@ -300,8 +280,11 @@ def create_app(prefill: list[str], decode: list[str], *, policy: str = "least-ou
         if timeline is not None:
             timeline.prefill_sent()
         try:
-            r = await post_unless_disconnected(request, client, prefill.url + path, p_body,
-                                               headers)
+            # Once decode's first token is out, decode holds the KV: the client
+            # leaving no longer makes this prefill's work moot.
+            r = await post_unless_disconnected(
+                request, client, prefill.url + path, p_body, headers,
+                answered=None if timeline is None else timeline.decode_started)
         finally:
             prefill.outstanding -= 1
         prefill.served += 1
@@ -414,12 +397,18 @@ class ClientDisconnected(Exception):
 
 
 async def post_unless_disconnected(request: Request, client, url: str, body: dict,
-                                   headers: dict):
+                                   headers: dict, answered=None):
     """POST ``body`` to a backend; if the client leaves first, abort the
-    backend's request (by closing its connection) and raise ClientDisconnected."""
+    backend's request (by closing its connection) and raise ClientDisconnected.
+
+    ``answered``: a callable, True once the client has what it came for; from
+    then on its leaving aborts nothing (a streamed prefill's own answer may
+    come after decode's whole answer was sent and its connection closed)."""
     task = asyncio.ensure_future(client.post(url, json=body, headers=headers))
     while not task.done():
         done, _ = await asyncio.wait({task}, timeout=0.05)
+        if answered is not None and answered():
+            return await task
         if not done and await request.is_disconnected():
             task.cancel()
             raise ClientDisconnected()
@@ -463,37 +452,3 @@ def estimate_kv_bytes(kv_params: dict, pool: BackendPool) -> int | None:
         return None
     return len(ids) * layout.bytes_per_block_all_layers
 
-
-async def parse_body(request: Request, kind: str, pool: BackendPool) -> dict:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ClientError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ClientError(400, "request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ClientError(400, "missing required field 'model'", "model")
-    known = pool.models()
-    if known and model not in known:
-        raise ClientError(404, f"The model `{model}` does not exist.", "model",
-                          "model_not_found")
-    if kind == "chat":
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise ClientError(400, "'messages' must be a non-empty list", "messages")
-    else:
-        prompt = body.get("prompt")
-        if prompt is None or prompt == "" or prompt == []:
-            raise ClientError(400, "missing required field 'prompt'", "prompt")
-    limit = pool.max_model_len() or DEFAULT_MAX_TOKENS_LIMIT
-    for key in ("max_tokens", "max_completion_tokens"):
-        if key in body and body[key] is not None:
-            v = body[key]
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ClientError(400, f"'{key}' must be a positive integer, got {v!r}", key)
-            if v > limit:
-                raise ClientError(400, f"'{key}' is {v}, more than the model's maximum "
-                                       f"context length {limit}", key)
-    return body

@@ -155,6 +155,10 @@ class RequestTimeline:
             self.t_first_token = time.perf_counter()
             self._maybe_done()
 
+    def decode_started(self) -> bool:
+        """Whether decode's first token came (so it has all the KV)."""
+        return self.t_first_token is not None
+
     def _maybe_done(self) -> None:
         if (not self._done and self.t_prefill is not None and self.t_first_token is not None
                 and self.t_prefill_sent is not None):
