@@ -136,8 +136,9 @@ class TPServers:
         stop_all(list(self.up.values()))
 
 
-@pytest.fixture(scope="module", params=["tcp", "cma"])
+@pytest.fixture(scope="module")
 def tp_servers(request, tiny_model_dir, tmp_path_factory):
+    """The TP servers of the medium the test names (indirect parameter)."""
     servers = TPServers(tiny_model_dir, tmp_path_factory.mktemp(f"tp-{request.param}"),
                         request.param)
     try:
@@ -146,9 +147,7 @@ def tp_servers(request, tiny_model_dir, tmp_path_factory):
         servers.close()
 
 
-# In this order, a direction reuses the servers of the one before when it can.
-@pytest.mark.parametrize("direction", ["tp1->tp2a", "tp2a->tp1", "tp2a->tp2b"])
-def test_tp_pair_token_identical(tp_servers, direction):
+def check_tp_pair(tp_servers, direction):
     prefill, decode = tp_servers.get(*direction.split("->"))
     took = check_pair(prefill, decode, tp_servers.reference)
     print(f"{tp_servers.transport} {direction}: exchanges took {[round(t, 2) for t in took]} s")
@@ -157,6 +156,22 @@ def test_tp_pair_token_identical(tp_servers, direction):
     for s in (prefill, decode):
         log = s.log_path.read_text(errors="replace")
         assert "EngineDeadError" not in log and "refusing consumer" not in log, s.name
+
+
+# Mixed TP over tcp, equal TP over cma: each medium under vLLM with TP ranks
+# (each medium's reads per rank are covered at every TP pairing by
+# test_transport's test_mixed_tp_reads_each_ranks_heads), with one TP-2
+# engine start fewer per medium than running every direction on both.
+# In this order the second direction reuses the first one's servers.
+@pytest.mark.parametrize("tp_servers", ["tcp"], indirect=True)
+@pytest.mark.parametrize("direction", ["tp1->tp2a", "tp2a->tp1"])
+def test_mixed_tp_pair_token_identical(tp_servers, direction):
+    check_tp_pair(tp_servers, direction)
+
+
+@pytest.mark.parametrize("tp_servers", ["cma"], indirect=True)
+def test_equal_tp_pair_token_identical(tp_servers):
+    check_tp_pair(tp_servers, "tp2a->tp2b")
 
 
 # ---------------------------------------------------------------- other models
