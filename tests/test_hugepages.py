@@ -193,3 +193,16 @@ def test_a_page_that_stays_busy_is_left_small_and_the_reason_reported(small_page
     assert st["converted"] == size - hugepages.HUGE_PAGE, st
     assert st["error"] == ("MADV_COLLAPSE: Resource temporarily unavailable: 2 MiB still "
                            "busy after 0.5 s of retries"), st
+
+
+@needs_thp
+def test_closing_while_a_page_waits_stops_at_once_without_blaming_the_page(small_page_memory):
+    addr, size = small_page_memory
+    with PageHolder(addr + 5 * hugepages.HUGE_PAGE):
+        hp = hugepages.HugePages([(addr, size)]).start()
+        time.sleep(0.3)  # the rest converted, the held page waiting for its retry
+        t0 = time.monotonic()
+        hp.stop()
+        assert time.monotonic() - t0 < 1.0 and hp.done.is_set(), hp.status()
+    st = hp.status()
+    assert st["converted"] == size - hugepages.HUGE_PAGE and st["error"] is None, st

@@ -175,10 +175,12 @@ class HugePages:
                         return
             delay, deadline = RETRY_FIRST_DELAY, time.monotonic() + RETRY_SECONDS
             while busy:
-                if time.monotonic() + delay > deadline or self._stop.wait(delay):
+                if time.monotonic() + delay > deadline:
                     self._give_up(f"MADV_COLLAPSE: {os.strerror(last_err)}: "
                                   f"{len(busy) * HUGE_PAGE >> 20} MiB still busy after "
                                   f"{RETRY_SECONDS:g} s of retries")
+                    return
+                if self._stop.wait(delay):  # the transport is closing
                     return
                 delay = min(2 * delay, RETRY_MAX_DELAY)
                 still = []
