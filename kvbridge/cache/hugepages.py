@@ -123,7 +123,7 @@ class HugePages:
         self.done = threading.Event()
         #: bytes converted so far, and why it stopped early (None: it did not)
         self.collapsed = 0
-        #: 2 MiB pages that were busy at the first try and were tried again
+        #: 2 MiB pages still busy after a page-by-page try, so retried later
         self.retried = 0
         self.error: str | None = None
         self.seconds = 0.0
@@ -151,7 +151,6 @@ class HugePages:
         t0 = time.perf_counter()
         try:
             busy: list[tuple[int, int]] = []  # 2 MiB pages the kernel said "not now" to
-            last_err = 0
             for addr, n in self.spans:
                 for off in range(0, n, COLLAPSE_PIECE):
                     if self._stop.is_set():
@@ -160,29 +159,23 @@ class HugePages:
                     err = self._collapse_span(addr + off, piece)
                     if err in RETRY_ERRNOS:
                         # The kernel went on past the page it could not take and
-                        # converted the rest of the piece: retrying page by page
-                        # costs next to nothing where a page is huge already.
-                        for page in range(addr + off, addr + off + piece, HUGE_PAGE):
-                            err = self._collapse_span(page, HUGE_PAGE)
-                            if err in RETRY_ERRNOS:
-                                busy.append((page, HUGE_PAGE))
-                                self.retried += 1
-                                last_err = err
-                            elif err:
-                                break
-                    if err and err not in RETRY_ERRNOS:
+                        # converted the rest of the piece: retried page by page,
+                        # a page that is huge already costs next to nothing.
+                        busy += [(p, HUGE_PAGE) for p in range(addr + off, addr + off + piece,
+                                                               HUGE_PAGE)]
+                    elif err:
                         self._give_up(f"MADV_COLLAPSE: {os.strerror(err)}")
                         return
-            delay, deadline = RETRY_FIRST_DELAY, time.monotonic() + RETRY_SECONDS
+            # The first round runs at once; the later ones back off.
+            delay, deadline, last_err = 0.0, time.monotonic() + RETRY_SECONDS, 0
             while busy:
-                if time.monotonic() + delay > deadline:
+                if delay and time.monotonic() + delay > deadline:
                     self._give_up(f"MADV_COLLAPSE: {os.strerror(last_err)}: "
                                   f"{len(busy) * HUGE_PAGE >> 20} MiB still busy after "
                                   f"{RETRY_SECONDS:g} s of retries")
                     return
                 if self._stop.wait(delay):  # the transport is closing
                     return
-                delay = min(2 * delay, RETRY_MAX_DELAY)
                 still = []
                 for page, n in busy:
                     err = self._collapse_span(page, n)
@@ -192,7 +185,10 @@ class HugePages:
                     elif err:
                         self._give_up(f"MADV_COLLAPSE: {os.strerror(err)}")
                         return
+                if not delay:
+                    self.retried = len(still)
                 busy = still
+                delay = min(2 * delay, RETRY_MAX_DELAY) if delay else RETRY_FIRST_DELAY
             self.seconds = time.perf_counter() - t0
             if self.seconds > 0.5:
                 log.info("KV memory on huge pages: %.2f GiB converted in %.1f s "
