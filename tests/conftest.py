@@ -167,16 +167,17 @@ def consumers():
 @pytest.fixture
 def engines():
     """``engines(role, model, **opts)`` starts a vLLM engine process
-    (``helpers.procs.Engine``); all are stopped at teardown."""
-    from helpers.procs import Engine
+    (``helpers.procs.Engine``) without waiting for it: the engines a test
+    starts before it first calls one come up together. All are stopped at
+    teardown."""
+    from helpers.procs import Engine, stop_engines
 
     started: list = []
 
     def start(role, model, **opts):
-        e = Engine(role, model, **opts)
+        e = Engine(role, model, wait=False, **opts)
         started.append(e)
         return e
 
     yield start
-    for e in started:
-        e.stop()
+    stop_engines(started)

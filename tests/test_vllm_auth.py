@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.procs import Engine
+from helpers.procs import Engine, stop_engines
 from kvbridge.serve.launch import free_port
 from test_vllm_connector import MAX_TOKENS, PROMPTS
 
@@ -17,37 +17,40 @@ SECRET = "kvbridge-test-secret"
 
 
 def test_consumer_without_the_secret_is_refused_naming_auth(tiny_model_dir):
-    p = Engine("kv_producer", tiny_model_dir, port=free_port(),
-               extra={"transport": "tcp", "secret": SECRET})
-    engines = [p]
+    def engine(role, **extra):
+        # Not waited for: the four engines start together.
+        return Engine(role, tiny_model_dir, port=free_port(), wait=False,
+                      extra={"transport": "tcp", **extra})
+
+    engines = []
     try:
+        p = engine("kv_producer", secret=SECRET)
+        engines.append(p)
+        without, wrong, right = (engine("kv_consumer"), engine("kv_consumer", secret="wrong"),
+                                 engine("kv_consumer", secret=SECRET))
+        engines += [without, wrong, right]
+        # No secret: refused at the handshake, the consumer's log says why.
         params = p.call(cmd="prefill", prompts=[PROMPTS[0]])["params"]
-        d = Engine("kv_consumer", tiny_model_dir, port=free_port(), extra={"transport": "tcp"})
-        engines.append(d)
-        out = d.call(cmd="decode", prompts=[PROMPTS[0]], params=params, max_tokens=MAX_TOKENS)
+        out = without.call(cmd="decode", prompts=[PROMPTS[0]], params=params,
+                           max_tokens=MAX_TOKENS)
         assert out["tokens"] in ([], [[]]), out
-        assert "producer requires a shared secret and none is configured" in d.logs()
+        assert "producer requires a shared secret and none is configured" in without.logs()
         m = p.call(cmd="transport")["metrics"]
         assert m["pulls_served"] == 0 and m["bytes_served"] == 0
-        d.stop()
+        without.stop()
         # A wrong secret: refused the same way, and the producer says why.
-        d = Engine("kv_consumer", tiny_model_dir, port=free_port(),
-                   extra={"transport": "tcp", "secret": "wrong"})
-        engines.append(d)
         params = p.call(cmd="prefill", prompts=[PROMPTS[1]])["params"]
-        out = d.call(cmd="decode", prompts=[PROMPTS[1]], params=params, max_tokens=MAX_TOKENS)
+        out = wrong.call(cmd="decode", prompts=[PROMPTS[1]], params=params,
+                         max_tokens=MAX_TOKENS)
         assert out["tokens"] in ([], [[]]), out
-        assert "authentication failed" in d.logs()
+        assert "authentication failed" in wrong.logs()
         assert p.call(cmd="transport")["metrics"]["refusals"][-1] == "authentication failed"
-        d.stop()
+        wrong.stop()
         # The right secret: served.
-        d = Engine("kv_consumer", tiny_model_dir, port=free_port(),
-                   extra={"transport": "tcp", "secret": SECRET})
-        engines.append(d)
         params = p.call(cmd="prefill", prompts=[PROMPTS[1]])["params"]
-        out = d.call(cmd="decode", prompts=[PROMPTS[1]], params=params, max_tokens=MAX_TOKENS)
-        assert out["finish"] == ["length"], d.logs()[-2000:]
+        out = right.call(cmd="decode", prompts=[PROMPTS[1]], params=params,
+                         max_tokens=MAX_TOKENS)
+        assert out["finish"] == ["length"], right.logs()[-2000:]
         assert out["metrics"]["local_compute"] == 0
     finally:
-        for e in engines:
-            e.stop()
+        stop_engines(engines)

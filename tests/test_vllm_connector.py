@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from helpers.procs import Engine
+from helpers.procs import Engine, stop_engines
 from kvbridge.protocol import PROTOCOL_VERSION
 from kvbridge.serve.launch import free_port
 
@@ -42,8 +42,10 @@ MAX_TOKENS = 12
 def colocated(tiny_model_dir):
     e = Engine("colocated", tiny_model_dir, prefix_caching=False)
     try:
-        return [e.call(cmd="generate", prompts=[p], max_tokens=MAX_TOKENS)["tokens"][0]
-                for p in PROMPTS]
+        tokens = [e.call(cmd="generate", prompts=[p], max_tokens=MAX_TOKENS)["tokens"][0]
+                  for p in PROMPTS]
+        e.ask_to_exit()  # it shuts down while the tests run
+        yield tokens
     finally:
         e.stop()
 
@@ -121,14 +123,13 @@ def tcp_pair(tiny_model_dir):
     point), the consumer by ``kv_connector_module_path="kvbridge.vllm"``."""
     started = []
     try:
-        started.append(Engine("kv_producer", tiny_model_dir, port=free_port(),
+        started.append(Engine("kv_producer", tiny_model_dir, port=free_port(), wait=False,
                               extra={"transport": "tcp"}))
-        started.append(Engine("kv_consumer", tiny_model_dir, port=free_port(),
+        started.append(Engine("kv_consumer", tiny_model_dir, port=free_port(), wait=False,
                               extra={"transport": "tcp"}, module_path="kvbridge.vllm"))
         yield tuple(started)
     finally:
-        for e in started:
-            e.stop()
+        stop_engines(started)
 
 
 def test_tcp_pair_token_identical_both_registrations(tcp_pair, colocated, prompt_lens):

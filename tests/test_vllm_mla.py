@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from kvbridge.demo import tiny_model
-from helpers.procs import Engine
+from helpers.procs import Engine, stop_engines
 from kvbridge.serve.launch import free_port
 
 pytestmark = pytest.mark.vllm
@@ -158,8 +158,7 @@ def run_pair(model, connector: str, prompts: dict) -> dict:
                         "finish": dec["finish"], "metrics": metrics})
         return {"prompts": out, "control": control, "consumer_log": d.logs()[-3000:]}
     finally:
-        p.stop()
-        d.stop()
+        stop_engines([p, d])
 
 
 def _first_difference(a, b):

@@ -144,7 +144,9 @@ class Engine:
     def __init__(self, role: str, model, *, env: dict | None = None, wait: bool = True,
                  **opts):
         """``env``: added to the process environment; ``wait=False`` returns
-        once started (call ``wait_ready`` - to start several engines at once)."""
+        once started, so several engines start at once (on 2 cores, two
+        starts take about as long as one): the first ``call`` or ``ready``
+        then waits for this one."""
         self.log: list[str] = []
         env = {**os.environ, "UCX_NET_DEVICES": "lo", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
@@ -154,7 +156,7 @@ class Engine:
         self._replies: list[dict] = []
         self._cv = threading.Condition()
         threading.Thread(target=self._pump, daemon=True).start()
-        self.ready: dict | None = None
+        self._ready: dict | None = None
         if wait:
             try:
                 self.wait_ready()
@@ -163,9 +165,14 @@ class Engine:
                 raise
 
     def wait_ready(self, timeout: float = 180) -> dict:
-        if self.ready is None:
-            self.ready = self.wait_reply(timeout)
-        return self.ready
+        """The engine's first reply (``free`` blocks...), once it is up."""
+        if self._ready is None:
+            self._ready = self.wait_reply(timeout)
+        return self._ready
+
+    @property
+    def ready(self) -> dict:
+        return self.wait_ready()
 
     def _pump(self):
         for line in self.proc.stdout:
@@ -190,6 +197,7 @@ class Engine:
             return self._replies.pop(0)
 
     def call(self, timeout: float = 120, **cmd) -> dict:
+        self.wait_ready()  # else the ready reply would be taken for this one's
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         return self.wait_reply(timeout)
@@ -198,15 +206,31 @@ class Engine:
         with self._cv:
             return "".join(self.log)
 
-    def stop(self):
+    def ask_to_exit(self) -> None:
+        """Ask the engine to exit, without waiting: an engine's shutdown takes
+        seconds, and several engines shut down together (then ``stop`` each)."""
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write('{"cmd": "exit"}\n')
                 self.proc.stdin.flush()
-                self.proc.wait(30)
-            except (OSError, subprocess.TimeoutExpired):
+            except OSError:
                 pass
+
+    def stop(self):
+        self.ask_to_exit()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
         stop_group(self.proc)  # SIGTERM, then SIGKILL, to the engine and its children
+
+
+def stop_engines(engines) -> None:
+    """Stop every ``Engine`` of ``engines``, shutting them down together."""
+    for e in engines:
+        e.ask_to_exit()
+    for e in engines:
+        e.stop()
 
 
 class HttpProcess:
