@@ -127,30 +127,65 @@ def producer(tiny_model_dir, logs):
         stop_all([s])
 
 
-@pytest.fixture
+#: The decode instances the tests here use, by name, in the order they need
+#: them: (kv_load_failure_policy, connector extras, ``start_server`` options).
+DECODES = {
+    "float32": ("fail", None, dict(dtype="float32")),
+    "block64": ("fail", None, dict(block_size=64)),
+    "block64-recompute": ("recompute", None, dict(block_size=64)),
+    "flip-recompute": ("recompute", {"fault_flip_byte_every": 1}, {}),
+    "flip-fail": ("fail", {"fault_flip_byte_every": 1}, {}),
+    "timeout4": ("fail", {"transfer_timeout_s": 4}, {}),
+}
+
+
+class DecodePool:
+    """The decode instances of ``DECODES``, two at a time: one is started
+    together with the next one not up yet (on two cores, two starts take
+    about as long as one), and both are kept until a test needs one that is
+    not up. Tests in file order start three pairs instead of six servers."""
+
+    def __init__(self, model, logs):
+        self.model, self.logs = model, logs
+        self.up: dict = {}
+
+    def get(self, name: str):
+        if name in self.up:
+            return self.up[name]
+        stop_all(list(self.up.values()))
+        self.up.clear()
+        names = list(DECODES)
+        partner = next((n for n in names[names.index(name) + 1:]), None)
+        for n in [name] + ([partner] if partner else []):
+            policy, extra, kw = DECODES[n]
+            self.up[n] = start_server(
+                f"decode-{n}", self.model, free_port(), cpu_core=1, log_dir=self.logs,
+                served_name="tiny",
+                kv_config=kv_transfer_config("kv_consumer", kv_port=free_port(),
+                                             policy=policy, extra=extra), **kw)
+        wait_healthy(list(self.up.values()))
+        return self.up[name]
+
+    def close(self):
+        stop_all(list(self.up.values()))
+
+
+@pytest.fixture(scope="module")
 def decode(tiny_model_dir, logs):
-    started = []
-
-    def start(policy: str = "fail", extra: dict | None = None, **kw):
-        s = start_server("decode", tiny_model_dir, free_port(), cpu_core=1, log_dir=logs,
-                         served_name="tiny",
-                         kv_config=kv_transfer_config("kv_consumer", kv_port=free_port(),
-                                                      policy=policy, extra=extra), **kw)
-        started.append(s)
-        wait_healthy([s])
-        return s
-
-    yield start
-    stop_all(started)
+    """``decode(name)``: the decode instance ``DECODES[name]``, up."""
+    pool = DecodePool(tiny_model_dir, logs)
+    try:
+        yield pool.get
+    finally:
+        pool.close()
 
 
-@pytest.mark.parametrize("mismatch,fields", [
-    (dict(dtype="float32"), ["model_dtype: local float32, remote bfloat16"]),
-    (dict(block_size=64), ["block_size: local 64, remote 128"]),
+@pytest.mark.parametrize("name,fields", [
+    ("float32", ["model_dtype: local float32, remote bfloat16"]),
+    ("block64", ["block_size: local 64, remote 128"]),
 ])
-def test_refused_pair_fails_every_request_and_the_engine_lives(producer, decode, mismatch,
-                                                               fields):
-    d = decode(policy="fail", **mismatch)
+def test_refused_pair_fails_every_request_and_the_engine_lives(producer, decode, name, fields):
+    d = decode(name)
     for i, prompt in enumerate(PROMPTS):
         params = prefill(producer.url, prompt)
         if i == 0:  # the gauge sees blocks held for a consumer
@@ -171,8 +206,28 @@ def test_refused_pair_fails_every_request_and_the_engine_lives(producer, decode,
     producer_freed(producer)
 
 
+def test_requests_in_flight_when_rejected_concurrently(producer, decode):
+    """Several refused requests at once (the pre-aborted notify requests of
+    vLLM's API server interleave with real ones): every one errors, none hangs."""
+    d = decode("float32")
+    params = [prefill(producer.url, p) for p in PROMPTS]
+    results: list[int] = []
+
+    def send(p, x):
+        results.append(complete(d.url, p, MAX_TOKENS, x, timeout=60).status_code)
+
+    threads = [threading.Thread(target=send, args=(p, x)) for p, x in zip(PROMPTS, params)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert len(results) == len(PROMPTS) and all(s >= 400 for s in results), results
+    assert_alive(d)
+    producer_freed(producer)
+
+
 def test_refused_pair_with_recompute_answers_every_request(producer, decode):
-    d = decode(policy="recompute", block_size=64)
+    d = decode("block64-recompute")
     for prompt in PROMPTS:
         before = sources(d.url).get("local_compute", 0)
         r = complete(d.url, prompt, MAX_TOKENS, prefill(producer.url, prompt))
@@ -188,7 +243,7 @@ def test_refused_pair_with_recompute_answers_every_request(producer, decode):
 def test_flipped_byte_is_caught_and_recomputed_token_identically(producer, decode):
     """One byte of every landed pull flipped in flight: the checksums catch it,
     only the corrupted block is a load error, and vLLM recomputes from there."""
-    d = decode(policy="recompute", extra={"fault_flip_byte_every": 1})
+    d = decode("flip-recompute")
     prompt = PROMPTS[4]  # several blocks: the first one is the corrupted one
     want = reference(d.url, prompt)
     before = sources(d.url)
@@ -204,7 +259,7 @@ def test_flipped_byte_is_caught_and_recomputed_token_identically(producer, decod
 
 
 def test_flipped_byte_with_fail_policy_is_an_error_never_garbage(producer, decode):
-    d = decode(policy="fail", extra={"fault_flip_byte_every": 1})
+    d = decode("flip-fail")
     r = complete(d.url, PROMPTS[1], MAX_TOKENS, prefill(producer.url, PROMPTS[1]))
     assert r.status_code >= 400, r.text
     assert_alive(d)
@@ -215,7 +270,7 @@ def test_abort_during_a_load_frees_both_sides(producer, decode):
     """The producer hangs (SIGSTOP) while decode pulls; the client gives up.
     vLLM aborts the request; the pull is cancelled and reported, decode's blocks
     come back, and once the producer runs again it frees its blocks too."""
-    d = decode(policy="fail", extra={"transfer_timeout_s": 4})
+    d = decode("timeout4")
     params = prefill(producer.url, PROMPTS[3])
     os.killpg(producer.proc.pid, signal.SIGSTOP)  # the workers too
     try:
@@ -234,23 +289,3 @@ def test_abort_during_a_load_frees_both_sides(producer, decode):
     # And the pair still works end to end.
     r = complete(d.url, PROMPTS[0], MAX_TOKENS, prefill(producer.url, PROMPTS[0]))
     assert r.status_code == 200, r.text
-
-
-def test_requests_in_flight_when_rejected_concurrently(producer, decode):
-    """Several refused requests at once (the pre-aborted notify requests of
-    vLLM's API server interleave with real ones): every one errors, none hangs."""
-    d = decode(policy="fail", dtype="float32")
-    params = [prefill(producer.url, p) for p in PROMPTS]
-    results: list[int] = []
-
-    def send(p, x):
-        results.append(complete(d.url, p, MAX_TOKENS, x, timeout=60).status_code)
-
-    threads = [threading.Thread(target=send, args=(p, x)) for p, x in zip(PROMPTS, params)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    assert len(results) == len(PROMPTS) and all(s >= 400 for s in results), results
-    assert_alive(d)
-    producer_freed(producer)
