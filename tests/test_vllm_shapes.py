@@ -219,16 +219,18 @@ def test_gemma3_sliding_window_moves_only_its_window(model_pair):
     assert httpx.get(decode.url + "/health", timeout=10).status_code == 200
 
 
-def test_tp2_to_tp1_a_corrupted_rank_read_is_never_garbage(tiny_model_dir, tmp_path):
+# With the tcp TP servers above: their TP-2 engine is the producer.
+@pytest.mark.parametrize("tp_servers", ["tcp"], indirect=True)
+def test_tp2_to_tp1_a_corrupted_rank_read_is_never_garbage(tp_servers, tiny_model_dir, tmp_path):
     """Decode TP 1 gathers each block from two producer ranks; every second
     read lands with a flipped byte. The checksums name the corrupted blocks,
     vLLM recomputes from there (``recompute``), and the answer is still the
     colocated one - never half a request's KV taken as good."""
-    prefill = _server("prefill", tiny_model_dir, tmp_path, tp=2, role="kv_producer")
+    prefill, = tp_servers.get("tp2a")
     decode = _server("decode", tiny_model_dir, tmp_path, role="kv_consumer", core=0,
                      policy="recompute", kv_extra={"fault_flip_byte_every": 2})
     try:
-        wait_healthy([prefill, decode], timeout_s=420)
+        wait_healthy([decode], timeout_s=420)
         want = _text(decode, PROMPTS["long"])["choices"][0]["text"]
         d, delta = pd_exchange(prefill, decode, PROMPTS["long"])
         assert d["choices"][0]["text"] == want
@@ -238,7 +240,7 @@ def test_tp2_to_tp1_a_corrupted_rank_read_is_never_garbage(tiny_model_dir, tmp_p
         assert "checksum mismatch" in log and "EngineDeadError" not in log
         assert httpx.get(decode.url + "/health", timeout=10).status_code == 200
     finally:
-        stop_all([prefill, decode])
+        stop_all([decode])
 
 
 def test_gemma3_failed_load_is_reported_by_request(tmp_path):
