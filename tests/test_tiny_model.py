@@ -15,15 +15,25 @@ PROMPTS = ["Return a new list of the items in the sequence",
            "The socket module provides access to the BSD socket interface"]
 
 
-def run_vllm(python_exe, model_dir, block_size=128, max_tokens=16, prompts=PROMPTS,
-             llm_args=None):
+def start_vllm(python_exe, model_dir, block_size=128, max_tokens=16, prompts=PROMPTS,
+               llm_args=None) -> subprocess.Popen:
+    """A ``vllm_generate.py`` run, started (``vllm_result`` waits for it):
+    several runs started together take on two cores about as long as one."""
     env = dict(os.environ, VLLM_GENERATE_ARGS=json.dumps(llm_args or {}))
-    proc = subprocess.run(
+    return subprocess.Popen(
         [python_exe, str(HELPERS / "vllm_generate.py"), str(model_dir), str(block_size),
          str(max_tokens), *prompts],
-        capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def vllm_result(proc: subprocess.Popen) -> dict:
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def arch_model_dir(arch):
@@ -89,8 +99,8 @@ def test_shape_and_tokenizer(tiny_model_dir):
 
 @pytest.mark.vllm
 def test_loads_in_vllm_and_greedy_is_deterministic(tiny_model_dir, python_exe):
-    first = run_vllm(python_exe, tiny_model_dir)
-    second = run_vllm(python_exe, tiny_model_dir)
+    # Two engine processes: the same tokens from two separate loads.
+    first, second = map(vllm_result, [start_vllm(python_exe, tiny_model_dir) for _ in range(2)])
     assert first["outputs"] == second["outputs"]
     a, b = first["outputs"]
     assert len(a) == len(b) == 16 and a != b
@@ -113,19 +123,38 @@ def long_prompts(model_dir):
     return [tok.decode(ids[:300]), tok.decode(ids[1000:1250])]
 
 
+OTHER_ARCHS = [a for a in tiny_model.ARCHS if a != "llama"]
+
+
+@pytest.fixture(scope="module")
+def arch_runs(python_exe):
+    """Each other arch's ``vllm_generate.py`` run, all started at once."""
+    procs = {}
+    try:
+        for arch in OTHER_ARCHS:
+            model_dir = arch_model_dir(arch)
+            # AMX_MLA (picked on CPUs with AMX) continues from a prefix-cache hit
+            # with numerically different results, which flips greedy tokens of
+            # this sharp model; the reference CPU_MLA backend turns prefix
+            # caching off anyway.
+            llm_args = {"enable_prefix_caching": False} if arch == "deepseek_v2" else {}
+            procs[arch] = start_vllm(python_exe, model_dir, block_size=32,
+                                     prompts=long_prompts(model_dir), llm_args=llm_args)
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
 @pytest.mark.vllm
-@pytest.mark.parametrize("arch", [a for a in tiny_model.ARCHS if a != "llama"])
-def test_arch_loads_in_vllm_and_greedy_is_deterministic(arch, python_exe):
+@pytest.mark.parametrize("arch", OTHER_ARCHS)
+def test_arch_loads_in_vllm_and_greedy_is_deterministic(arch, arch_runs):
     """One engine start per arch: each prompt runs twice (the second pass hits
     the prefix cache where the engine has one), same greedy tokens both times.
     llama has its own test above (two engine starts)."""
-    model_dir = arch_model_dir(arch)
-    # AMX_MLA (picked on CPUs with AMX) continues from a prefix-cache hit with
-    # numerically different results, which flips greedy tokens of this sharp
-    # model; the reference CPU_MLA backend turns prefix caching off anyway.
-    llm_args = {"enable_prefix_caching": False} if arch == "deepseek_v2" else {}
-    r = run_vllm(python_exe, model_dir, block_size=32, prompts=long_prompts(model_dir),
-                 llm_args=llm_args)
+    r = vllm_result(arch_runs[arch])
     assert r["outputs"] == r["repeat"]
     a, b = r["outputs"]
     assert len(a) == len(b) == 16 and a != b
