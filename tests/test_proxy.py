@@ -46,6 +46,24 @@ def servers(tiny_model_dir, tmp_path_factory):
         stop_all([p, d])
 
 
+@pytest.fixture(scope="module")
+def spare_decodes(tiny_model_dir, tmp_path_factory):
+    """Two more decode instances, started together on first use (two starts
+    take about as long as one): ``decode64`` (another block size) and
+    ``victim`` (killed mid-stream)."""
+    logs = tmp_path_factory.mktemp("spare-logs")
+    servers = {name: start_server(f"decode-{name}", tiny_model_dir, free_port(), cpu_core=1,
+                                  log_dir=logs, served_name=MODEL, block_size=block,
+                                  kv_config=kv_transfer_config("kv_consumer",
+                                                               kv_port=free_port()))
+               for name, block in (("decode64", 64), ("victim", 128))}
+    try:
+        wait_healthy(list(servers.values()))
+        yield servers
+    finally:
+        stop_all(list(servers.values()))
+
+
 @pytest.fixture
 def proxy(servers):
     p, d, logs = servers
@@ -241,22 +259,15 @@ def test_concurrency_200_requests_zero_failures_blocks_return(servers, proxy):
     assert usage == 0.0, f"producer still holds KV blocks: usage {usage}"
 
 
-def test_mismatched_pair_refused_at_start(servers, tiny_model_dir, tmp_path):
+def test_mismatched_pair_refused_at_start(servers, spare_decodes, tmp_path):
     p, _, _ = servers
-    other = start_server("decode64", tiny_model_dir, free_port(), cpu_core=1, log_dir=tmp_path,
-                         served_name=MODEL, block_size=64,
-                         kv_config=kv_transfer_config("kv_consumer", kv_port=free_port()))
-    px = None
+    px = Proxy([p.url], [spare_decodes["decode64"].url], wait=False, log_dir=tmp_path)
     try:
-        wait_healthy([other])
-        px = Proxy([p.url], [other.url], wait=False, log_dir=tmp_path)
         assert px.proc.wait(60) == 2
         out = px.output()
         assert "refusing to pair" in out and "block_size: prefill 128, decode 64" in out
     finally:
-        if px is not None:
-            px.stop()
-        stop_all([other])
+        px.stop()
 
 
 def test_prefill_down_falls_back_to_decode(servers, tiny_model_dir, tmp_path):
@@ -275,14 +286,11 @@ def test_prefill_down_falls_back_to_decode(servers, tiny_model_dir, tmp_path):
         px.stop()
 
 
-def test_decode_killed_mid_stream_gets_error_event(servers, tiny_model_dir, tmp_path):
+def test_decode_killed_mid_stream_gets_error_event(servers, spare_decodes, tmp_path):
     p, _, _ = servers
-    d2 = start_server("decode-victim", tiny_model_dir, free_port(), cpu_core=1,
-                      log_dir=tmp_path, served_name=MODEL,
-                      kv_config=kv_transfer_config("kv_consumer", kv_port=free_port()))
+    d2 = spare_decodes["victim"]
     px = None
     try:
-        wait_healthy([d2])
         px = Proxy([p.url], [d2.url], log_dir=tmp_path)
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2000, "temperature": 0,
                 "ignore_eos": True, "stream": True}
@@ -302,7 +310,6 @@ def test_decode_killed_mid_stream_gets_error_event(servers, tiny_model_dir, tmp_
     finally:
         if px is not None:
             px.stop()
-        stop_all([d2])
 
 
 def test_behind_vllm_router_streaming_chat(servers):
