@@ -141,7 +141,7 @@ DECODES = {
 
 class DecodePool:
     """The decode instances of ``DECODES``, two at a time: one is started
-    together with the next one not up yet (on two cores two server starts
+    together with the one after it (on two cores two server starts
     took 44 s, one alone 28 s), and both are kept until a test needs one
     that is not up. The tests, in file order, start three pairs (they used
     to start seven servers one by one)."""
@@ -156,8 +156,7 @@ class DecodePool:
         stop_all(list(self.up.values()))
         self.up.clear()
         names = list(DECODES)
-        partner = next((n for n in names[names.index(name) + 1:]), None)
-        for n in [name] + ([partner] if partner else []):
+        for n in names[names.index(name):][:2]:  # this one and the one after it
             policy, extra, kw = DECODES[n]
             self.up[n] = start_server(
                 f"decode-{n}", self.model, free_port(), cpu_core=1, log_dir=self.logs,

@@ -83,8 +83,8 @@ def complete(url, model, prompt, max_tokens, kv_params=None, cache_salt=None):
     return r.json()
 
 
-# Same host: auto picks cma, so cma runs here under its own name only in
-# test_vllm_connector (and auto is asserted to have picked it below).
+# No "cma" here: on one host auto picks cma (asserted below); cma by name runs
+# under vLLM in test_vllm_connector and test_vllm_shapes' equal-TP pair.
 @pytest.mark.parametrize("transport", ["auto", "tcp", "nixl"])
 def test_pd_servers_token_identical(tiny_model_dir, tmp_path, transport):
     kv_port = free_port()

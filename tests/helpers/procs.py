@@ -157,6 +157,7 @@ class Engine:
         self._cv = threading.Condition()
         threading.Thread(target=self._pump, daemon=True).start()
         self._ready: dict | None = None
+        self._asked_to_exit = False
         if wait:
             try:
                 self.wait_ready()
@@ -209,7 +210,8 @@ class Engine:
     def ask_to_exit(self) -> None:
         """Ask the engine to exit, without waiting: an engine's shutdown takes
         seconds, and several engines shut down together (then ``stop`` each)."""
-        if self.proc.poll() is None:
+        if self.proc.poll() is None and not self._asked_to_exit:
+            self._asked_to_exit = True
             try:
                 self.proc.stdin.write('{"cmd": "exit"}\n')
                 self.proc.stdin.flush()
